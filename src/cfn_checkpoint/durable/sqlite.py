@@ -1,0 +1,513 @@
+"""The SQLite durable store (WAL): domain rows, the checkpoint catalog and payloads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from ..errors import StoreUnavailableError, ValidationError
+from ..model import (
+    USABLE_STATUSES,
+    CheckpointMetadata,
+    CheckpointStatus,
+    CheckpointTrigger,
+    DurableSnapshot,
+    TableRows,
+)
+from .schema import MIGRATIONS, SKILL_TABLE, TASK_TABLES
+
+_USABLE = tuple(s.value for s in USABLE_STATUSES)
+_CATALOG_COLUMNS = (
+    "checkpoint_id, task_id, trigger, status, state_hash, runtime_state_hash, "
+    "durable_state_hash, created_at, completed_at, error, metadata, key_count, row_count, "
+    "raw_bytes, stored_bytes, point_in_time, format_version, redis_version, "
+    "last_recovered_at, recovery_count"
+)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _parse(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def sqlite_path_from_url(url: str) -> str:
+    """The file path in ``sqlite:///relative.db`` or ``sqlite:////absolute.db``."""
+    parsed = urlparse(url)
+    if parsed.scheme != "sqlite":
+        raise ValidationError(f"not a SQLite URL: {url!r} (expected sqlite:///path/to/file.db)")
+    if parsed.netloc:
+        raise ValidationError(f"SQLite URL {url!r} has a host; use sqlite:///path (three slashes)")
+    path = unquote(parsed.path)
+    if path.startswith("/"):
+        path = path[1:]  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
+    if not path:
+        raise ValidationError(f"SQLite URL {url!r} names no file")
+    return path
+
+
+@contextlib.contextmanager
+def _db_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise StoreUnavailableError(f"SQLite failed while {action}: {exc}") from exc
+
+
+class SqliteStore:
+    """Durable tier on one SQLite file in WAL mode; safe to share between threads."""
+
+    def __init__(self, path: str, *, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise StoreUnavailableError(
+                    f"cannot open SQLite file {path}: no directory {parent}"
+                )
+        self._lock = threading.RLock()
+        self._depth = 0
+        with _db_errors(f"opening {path}"):
+            self._conn = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+            except BaseException:
+                self._conn.close()
+                raise
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """Open the store named by a ``sqlite:///`` URL."""
+        return cls(sqlite_path_from_url(url))
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (a savepoint when nested); rolled back on any error."""
+        with self._lock:
+            if self._depth:
+                name = f"sp{self._depth}"
+                self._conn.execute(f"SAVEPOINT {name}")
+                self._depth += 1
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
+                    raise
+                finally:
+                    self._depth -= 1
+                self._conn.execute(f"RELEASE {name}")
+                return
+            with _db_errors("starting a transaction"):
+                self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._conn
+            except BaseException:
+                self._depth = 0
+                self._conn.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            with _db_errors("committing"):
+                self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query inside sees the same snapshot."""
+        with self._lock:
+            if self._depth:
+                yield self._conn
+                return
+            with _db_errors("starting a read transaction"):
+                self._conn.execute("BEGIN DEFERRED")
+            self._depth = 1
+            try:
+                yield self._conn
+            finally:
+                self._depth = 0
+                self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.atomic() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS cfn_schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            row = db.execute("SELECT MAX(version) FROM cfn_schema_migrations").fetchone()
+            current = row[0] or 0
+            if current > len(MIGRATIONS):
+                raise StoreUnavailableError(
+                    f"{self.path} has schema version {current}, newer than this cfn-checkpoint "
+                    f"({len(MIGRATIONS)}); upgrade cfn-checkpoint"
+                )
+            for version, statements in enumerate(MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                for statement in statements:
+                    db.execute(
+                        statement.format(autoinc="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB")
+                    )
+                db.execute(
+                    "INSERT INTO cfn_schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, _iso(utcnow())),
+                )
+
+    def schema_version(self) -> int:
+        """The highest migration applied."""
+        with self._lock, _db_errors("reading the schema version"):
+            row = self._conn.execute("SELECT MAX(version) FROM cfn_schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    # -- domain rows -------------------------------------------------------------------------
+
+    def _insert(self, sql: str, params: Sequence[Any]) -> int:
+        with self.atomic() as db, _db_errors("recording a durable row"):
+            cursor = db.execute(sql, params)
+        return int(cursor.lastrowid or 0)
+
+    def record_task_result(
+        self,
+        task_id: str,
+        agent_id: str | None,
+        result: Any,
+        *,
+        confidence: float | None = None,
+    ) -> int:
+        """Store a task result (JSON-encoded unless a string); returns its id."""
+        text = result if isinstance(result, str) else json.dumps(result, sort_keys=True)
+        return self._insert(
+            "INSERT INTO task_results (task_id, agent_id, result, confidence, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (task_id, agent_id, text, confidence, _iso(utcnow())),
+        )
+
+    def record_agent_metric(self, task_id: str, agent_id: str, metric: str, value: float) -> int:
+        """Store one metric sample of an agent; returns its id."""
+        return self._insert(
+            "INSERT INTO agent_metrics (task_id, agent_id, metric, value, recorded_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (task_id, agent_id, metric, value, _iso(utcnow())),
+        )
+
+    def record_audit_event(
+        self, task_id: str, event: str, *, agent_id: str | None = None, details: Any = None
+    ) -> int:
+        """Append an event to the task's audit trail; returns its id."""
+        text = None if details is None else json.dumps(details, sort_keys=True)
+        return self._insert(
+            "INSERT INTO audit_trail (task_id, agent_id, event, details, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (task_id, agent_id, event, text, _iso(utcnow())),
+        )
+
+    def put_skill(
+        self, skill_id: str, *, name: str, version: str | None = None, metadata: Any = None
+    ) -> None:
+        """Insert or replace one row of the global skill metadata."""
+        text = None if metadata is None else json.dumps(metadata, sort_keys=True)
+        with self.atomic() as db:
+            db.execute(
+                "INSERT INTO skill_metadata (skill_id, name, version, metadata, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (skill_id) DO UPDATE SET name = excluded.name,"
+                " version = excluded.version, metadata = excluded.metadata,"
+                " updated_at = excluded.updated_at",
+                (skill_id, name, version, text, _iso(utcnow())),
+            )
+
+    def _table(self, db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> TableRows:
+        cursor = db.execute(sql, params)
+        columns = [d[0] for d in cursor.description]
+        return TableRows(columns, [tuple(r) for r in cursor.fetchall()])
+
+    def read_durable(self, task_id: str) -> DurableSnapshot:
+        """The task's rows and the skill metadata, read in one transaction."""
+        with self.reading() as db, _db_errors(f"reading durable rows of task {task_id}"):
+            tables = {
+                name: self._table(
+                    db, f"SELECT * FROM {name} WHERE task_id = ? ORDER BY id", (task_id,)
+                )
+                for name in TASK_TABLES
+            }
+            skills = self._table(db, f"SELECT * FROM {SKILL_TABLE} ORDER BY skill_id", ())
+        return DurableSnapshot(task_id, tables, skills)
+
+    def replace_task_rows(
+        self, db: sqlite3.Connection, task_id: str, tables: dict[str, TableRows]
+    ) -> int:
+        """Inside ``atomic()``: make the task's rows exactly ``tables``; returns rows written."""
+        written = 0
+        for name in TASK_TABLES:
+            db.execute(f"DELETE FROM {name} WHERE task_id = ?", (task_id,))
+            table = tables.get(name)
+            if table is None or not table.rows:
+                continue
+            columns = ", ".join(table.columns)
+            marks = ", ".join("?" * len(table.columns))
+            db.executemany(f"INSERT INTO {name} ({columns}) VALUES ({marks})", table.rows)
+            written += len(table.rows)
+        return written
+
+    # -- catalog -----------------------------------------------------------------------------
+
+    def _metadata(self, row: Sequence[Any]) -> CheckpointMetadata:
+        return CheckpointMetadata(
+            checkpoint_id=row[0],
+            task_id=row[1],
+            trigger=CheckpointTrigger(row[2]),
+            status=CheckpointStatus(row[3]),
+            state_hash=row[4],
+            runtime_state_hash=row[5],
+            durable_state_hash=row[6],
+            created_at=_parse(row[7]) or utcnow(),
+            completed_at=_parse(row[8]),
+            error=row[9],
+            metadata=json.loads(row[10]) if row[10] else {},
+            key_count=row[11],
+            row_count=row[12],
+            raw_bytes=row[13],
+            stored_bytes=row[14],
+            point_in_time=bool(row[15]),
+            format_version=row[16],
+            redis_version=row[17],
+            last_recovered_at=_parse(row[18]),
+            recovery_count=row[19],
+        )
+
+    def _select(
+        self, where: str, params: Sequence[Any], suffix: str = ""
+    ) -> list[CheckpointMetadata]:
+        with self._lock, _db_errors("reading the checkpoint catalog"):
+            rows = self._conn.execute(
+                f"SELECT {_CATALOG_COLUMNS} FROM checkpoints WHERE {where} {suffix}", params
+            ).fetchall()
+        return [self._metadata(r) for r in rows]
+
+    def get_checkpoint(self, checkpoint_id: str) -> CheckpointMetadata | None:
+        """One checkpoint by id, or ``None``."""
+        found = self._select("checkpoint_id = ?", (checkpoint_id,))
+        return found[0] if found else None
+
+    def list_checkpoints(
+        self,
+        task_id: str | None = None,
+        *,
+        status: CheckpointStatus | None = None,
+        limit: int | None = None,
+    ) -> list[CheckpointMetadata]:
+        """Checkpoints, newest first, optionally of one task and one status."""
+        clauses, params = ["1 = 1"], []
+        if task_id is not None:
+            clauses.append("task_id = ?")
+            params.append(task_id)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(CheckpointStatus(status).value)
+        suffix = "ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._select(" AND ".join(clauses), params, suffix)
+
+    def usable_checkpoints(self, task_id: str) -> list[CheckpointMetadata]:
+        """The task's checkpoints that recovery may use, newest first."""
+        return self._select(
+            "task_id = ? AND status IN (?, ?)", (task_id, *_USABLE), "ORDER BY seq DESC"
+        )
+
+    def _newest_usable(self, db: sqlite3.Connection, task_id: str) -> CheckpointMetadata | None:
+        row = db.execute(
+            f"SELECT {_CATALOG_COLUMNS} FROM checkpoints WHERE task_id = ? AND status IN (?, ?) "
+            "ORDER BY seq DESC LIMIT 1",
+            (task_id, *_USABLE),
+        ).fetchone()
+        return None if row is None else self._metadata(row)
+
+    def commit_checkpoint(
+        self,
+        meta: CheckpointMetadata,
+        manifest: Sequence[tuple[str, str]],
+        blobs: dict[str, tuple[int, bytes]],
+    ) -> CheckpointMetadata:
+        """Store a completed checkpoint in ONE transaction, unless it changes nothing.
+
+        ``manifest`` lists ``(kind, digest)`` in order; ``blobs`` maps each digest to
+        ``(raw size, compressed bytes)``. If the task's newest usable checkpoint has
+        the same state hash, it is returned and nothing is written. Otherwise payloads
+        not yet stored are added, and the returned metadata says how many bytes that was.
+        """
+        with self.atomic() as db, _db_errors(f"storing checkpoint {meta.checkpoint_id}"):
+            newest = self._newest_usable(db, meta.task_id)
+            if newest is not None and newest.state_hash == meta.state_hash:
+                return newest
+            stored = 0
+            for digest in dict.fromkeys(d for _, d in manifest):
+                raw_size, data = blobs[digest]
+                cursor = db.execute(
+                    "INSERT INTO payloads (digest, raw_size, stored_size, data) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (digest) DO NOTHING",
+                    (digest, raw_size, len(data), data),
+                )
+                if cursor.rowcount:
+                    stored += len(data)
+            db.executemany(
+                "INSERT INTO checkpoint_payloads (checkpoint_id, ordinal, kind, digest) "
+                "VALUES (?, ?, ?, ?)",
+                [(meta.checkpoint_id, i, kind, d) for i, (kind, d) in enumerate(manifest)],
+            )
+            done = replace(meta, stored_bytes=stored)
+            self._insert_catalog(db, done)
+        return done
+
+    def _insert_catalog(self, db: sqlite3.Connection, m: CheckpointMetadata) -> None:
+        db.execute(
+            f"INSERT INTO checkpoints ({_CATALOG_COLUMNS}) VALUES ({', '.join('?' * 20)})",
+            (
+                m.checkpoint_id,
+                m.task_id,
+                m.trigger.value,
+                m.status.value,
+                m.state_hash,
+                m.runtime_state_hash,
+                m.durable_state_hash,
+                _iso(m.created_at),
+                _iso(m.completed_at),
+                m.error,
+                json.dumps(m.metadata, sort_keys=True),
+                m.key_count,
+                m.row_count,
+                m.raw_bytes,
+                m.stored_bytes,
+                int(m.point_in_time),
+                m.format_version,
+                m.redis_version,
+                _iso(m.last_recovered_at),
+                m.recovery_count,
+            ),
+        )
+
+    def record_failure(self, meta: CheckpointMetadata) -> None:
+        """Keep a ``failed`` catalog row (no payloads) saying why a create failed."""
+        with self.atomic() as db, _db_errors("recording a failed checkpoint"):
+            self._insert_catalog(db, meta)
+
+    def manifest(self, checkpoint_id: str) -> list[tuple[str, str]]:
+        """``(kind, digest)`` of a checkpoint's payloads, in order."""
+        with self._lock, _db_errors(f"reading checkpoint {checkpoint_id}"):
+            rows = self._conn.execute(
+                "SELECT kind, digest FROM checkpoint_payloads WHERE checkpoint_id = ? "
+                "ORDER BY ordinal",
+                (checkpoint_id,),
+            ).fetchall()
+        return [(str(k), str(d)) for k, d in rows]
+
+    def load_payloads(self, digests: Iterable[str]) -> dict[str, bytes]:
+        """Stored (compressed) bytes of the given payloads; missing ones are left out."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[str, bytes] = {}
+        with self._lock, _db_errors("reading payloads"):
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                rows = self._conn.execute(
+                    "SELECT digest, data FROM payloads WHERE digest IN "
+                    f"({', '.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+                found.update((str(d), bytes(b)) for d, b in rows)
+        return found
+
+    def record_recovery(
+        self,
+        db: sqlite3.Connection,
+        checkpoint_id: str,
+        task_id: str,
+        *,
+        runtime: bool,
+        durable: bool,
+        keys: int,
+        rows: int,
+        notes: str | None,
+    ) -> None:
+        """Inside ``atomic()``: log a recovery and mark the checkpoint ``recovered``."""
+        now = _iso(utcnow())
+        db.execute(
+            "INSERT INTO recoveries (checkpoint_id, task_id, recovered_at, runtime_restored, "
+            "durable_restored, keys_restored, rows_restored, notes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (checkpoint_id, task_id, now, int(runtime), int(durable), keys, rows, notes),
+        )
+        db.execute(
+            "UPDATE checkpoints SET status = ?, last_recovered_at = ?, "
+            "recovery_count = recovery_count + 1 WHERE checkpoint_id = ?",
+            (CheckpointStatus.RECOVERED.value, now, checkpoint_id),
+        )
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def cleanup(self, cutoff: datetime, *, keep_last: int = 1) -> tuple[int, int]:
+        """Remove checkpoints created before ``cutoff`` and payloads nothing references.
+
+        Each task's ``keep_last`` newest usable checkpoints (at least one) are kept
+        whatever their age. Returns ``(checkpoints removed, payload bytes removed)``.
+        """
+        keep_last = max(1, keep_last)
+        with self.atomic() as db, _db_errors("cleaning up checkpoints"):
+            doomed = [
+                r[0]
+                for r in db.execute(
+                    "SELECT checkpoint_id FROM checkpoints c WHERE created_at < ? AND NOT ("
+                    " status IN (?, ?) AND (SELECT COUNT(*) FROM checkpoints n WHERE"
+                    " n.task_id = c.task_id AND n.status IN (?, ?) AND n.seq > c.seq) < ?)",
+                    (_iso(cutoff), *_USABLE, *_USABLE, keep_last),
+                ).fetchall()
+            ]
+            for start in range(0, len(doomed), 500):
+                part = doomed[start : start + 500]
+                marks = ", ".join("?" * len(part))
+                db.execute(
+                    f"DELETE FROM checkpoint_payloads WHERE checkpoint_id IN ({marks})", part
+                )
+                db.execute(f"DELETE FROM checkpoints WHERE checkpoint_id IN ({marks})", part)
+            freed = db.execute(
+                "SELECT COALESCE(SUM(stored_size), 0) FROM payloads WHERE digest NOT IN "
+                "(SELECT digest FROM checkpoint_payloads)"
+            ).fetchone()[0]
+            db.execute(
+                "DELETE FROM payloads WHERE digest NOT IN (SELECT digest FROM checkpoint_payloads)"
+            )
+        with self._lock, _db_errors("returning free pages"):
+            self._conn.execute("PRAGMA incremental_vacuum")
+        return len(doomed), int(freed)
+
+    def payload_stats(self) -> tuple[int, int]:
+        """``(number of payloads, stored bytes)`` in the store."""
+        with self._lock, _db_errors("reading payload statistics"):
+            row = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM payloads"
+            ).fetchone()
+        return int(row[0]), int(row[1])

@@ -1,0 +1,451 @@
+"""CheckpointManager: consistent checkpoints of a task across Redis and the durable store.
+
+create:  validate id -> lock task -> read runtime keys (atomic) -> read durable rows
+         -> canonical encoding -> content hash -> same as newest usable? return it
+         -> store new payloads + catalog row ``completed`` in ONE transaction -> unlock
+recover: lock task -> choose checkpoint (given, else newest intact usable) -> verify
+         -> durable rows replaced and the recovery recorded in one transaction, around an
+            atomic replacement of the runtime keys -> unlock
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from .codec import (
+    Payload,
+    compress,
+    decode_runtime,
+    decode_tables,
+    decompress_verified,
+    encode_runtime,
+    encode_tables,
+    state_hashes,
+)
+from .config import durable_url_from_env, redis_url_from_env
+from .durable.schema import SKILL_TABLE
+from .durable.sqlite import SqliteStore, utcnow
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ValidationError,
+)
+from .layout import KeyLayout, validate_task_id
+from .model import (
+    USABLE_STATUSES,
+    CheckpointConfig,
+    CheckpointMetadata,
+    CheckpointStatus,
+    CheckpointTrigger,
+    RecoveryResult,
+    RuntimeEntry,
+    TableRows,
+)
+from .runtime.embedded import EmbeddedRedis
+from .runtime.lock import TaskLock
+from .runtime.redis_runtime import RedisRuntime, connect
+from .runtime.writer import TaskWriter
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedCheckpoint:
+    """A verified checkpoint's contents."""
+
+    meta: CheckpointMetadata
+    entries: list[RuntimeEntry]
+    captured_at_ms: int
+    tables: dict[str, TableRows]
+    skills: TableRows
+
+
+def open_store(durable_url: str) -> SqliteStore:
+    """The durable store a URL names."""
+    scheme = durable_url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        return SqliteStore.from_url(durable_url)
+    if scheme in ("postgres", "postgresql"):
+        raise ValidationError("the PostgreSQL durable tier is not available in this version")
+    raise ValidationError(
+        f"unsupported durable URL {durable_url!r}: expected sqlite:///path/to/file.db"
+    )
+
+
+def _trigger(value: CheckpointTrigger | str) -> CheckpointTrigger:
+    try:
+        return CheckpointTrigger(value)
+    except ValueError:
+        names = ", ".join(t.value for t in CheckpointTrigger)
+        raise ValidationError(f"unknown trigger {value!r}; expected one of {names}") from None
+
+
+def _metadata(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"metadata must be a mapping, not {type(value).__name__}")
+    try:
+        return dict(json.loads(json.dumps(dict(value), sort_keys=True)))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"metadata must be JSON-serializable: {exc}") from exc
+
+
+class CheckpointManager:
+    """Creates, lists, recovers and cleans up checkpoints of tasks."""
+
+    def __init__(
+        self,
+        runtime: RedisRuntime,
+        store: SqliteStore,
+        *,
+        config: CheckpointConfig | None = None,
+        embedded: EmbeddedRedis | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.config = config or CheckpointConfig()
+        self._embedded = embedded
+        self._last_cleanup = time.monotonic()
+
+    @classmethod
+    def open(
+        cls,
+        redis_url: str | None = None,
+        durable_url: str | None = None,
+        *,
+        layout: KeyLayout | None = None,
+        config: CheckpointConfig | None = None,
+        redis_binary: str | None = None,
+    ) -> CheckpointManager:
+        """Connect to both tiers.
+
+        ``redis_url`` defaults to ``CFN_REDIS_URL`` (or ``CFN_REDIS_HOST``/``CFN_REDIS_PORT``);
+        with none, an embedded ``redis-server`` is started for this process.
+        ``durable_url`` defaults to ``CFN_DURABLE_URL``, else ``sqlite:///cfn-checkpoint.db``.
+        """
+        redis_url = redis_url or redis_url_from_env()
+        store = open_store(durable_url or durable_url_from_env())
+        embedded = None
+        try:
+            if redis_url is None:
+                embedded = EmbeddedRedis(binary=redis_binary).start()
+                redis_url = embedded.url
+            runtime = RedisRuntime(connect(redis_url), layout=layout)
+        except BaseException:
+            store.close()
+            if embedded is not None:
+                embedded.stop()
+            raise
+        return cls(runtime, store, config=config, embedded=embedded)
+
+    def close(self) -> None:
+        """Close both tiers and stop the embedded Redis, if this manager started one."""
+        self.runtime.client.close()
+        self.store.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing task state ------------------------------------------------------------------
+
+    def writer(self, task_id: str) -> TaskWriter:
+        """A writer for the task's runtime state (agents, signals, queues, locks)."""
+        return TaskWriter(self.runtime.client, task_id, layout=self.runtime.layout)
+
+    @property
+    def durable(self) -> SqliteStore:
+        """The durable store, for recording task results, metrics, audit events, skills."""
+        return self.store
+
+    @contextmanager
+    def _task_lock(self, task_id: str) -> Iterator[None]:
+        with TaskLock(
+            self.runtime.client,
+            task_id,
+            prefix=self.runtime.layout.prefix,
+            timeout=self.config.lock_timeout,
+        ):
+            yield
+
+    # -- create ------------------------------------------------------------------------------
+
+    def create_checkpoint(
+        self,
+        task_id: str,
+        trigger: CheckpointTrigger | str = CheckpointTrigger.MANUAL,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> CheckpointMetadata:
+        """Checkpoint the task's runtime keys and durable rows.
+
+        Returns the new checkpoint, or the newest existing one when nothing changed
+        since it (TTLs ticking down do not count as change).
+        """
+        task_id = validate_task_id(task_id)
+        trigger = _trigger(trigger)
+        extra = _metadata(metadata)
+        with self._task_lock(task_id):
+            meta = self._create(task_id, trigger, extra)
+        self._maybe_cleanup()
+        return meta
+
+    def _create(
+        self, task_id: str, trigger: CheckpointTrigger, extra: dict[str, Any]
+    ) -> CheckpointMetadata:
+        started = utcnow()
+        checkpoint_id = f"cp_{task_id}_{started:%Y%m%dT%H%M%S%f}_{secrets.token_hex(3)}"
+        cfg = self.config
+        snapshot = self.runtime.capture(
+            task_id, atomic_max_keys=cfg.atomic_max_keys, batch_keys=cfg.batch_keys
+        )
+        durable = self.store.read_durable(task_id)
+        payloads = encode_runtime(snapshot.entries, snapshot.captured_at_ms)
+        payloads.append(encode_tables("durable", durable.tables))
+        payloads.append(encode_tables("skills", {SKILL_TABLE: durable.skills}))
+        state_hash, runtime_hash, durable_hash = state_hashes(payloads)
+        newest = self._newest_usable(task_id)
+        if newest is not None and newest.state_hash == state_hash:
+            return newest
+        meta = CheckpointMetadata(
+            checkpoint_id=checkpoint_id,
+            task_id=task_id,
+            trigger=trigger,
+            status=CheckpointStatus.COMPLETED,
+            state_hash=state_hash,
+            runtime_state_hash=runtime_hash,
+            durable_state_hash=durable_hash,
+            created_at=started,
+            completed_at=utcnow(),
+            metadata=extra,
+            key_count=len(snapshot.entries),
+            row_count=durable.row_count,
+            raw_bytes=sum(len(p.raw) for p in payloads),
+            point_in_time=snapshot.point_in_time,
+            redis_version=snapshot.redis_version,
+        )
+        manifest = [(p.kind, p.digest) for p in payloads]
+        blobs = {p.digest: (len(p.raw), compress(p.raw, cfg.compression_level)) for p in payloads}
+        try:
+            return self.store.commit_checkpoint(meta, manifest, blobs)
+        except CheckpointError as exc:
+            self._record_failure(meta, exc)
+            raise
+
+    def _record_failure(self, meta: CheckpointMetadata, exc: Exception) -> None:
+        failed = replace(meta, status=CheckpointStatus.FAILED, completed_at=None, error=str(exc))
+        try:
+            self.store.record_failure(failed)
+        except CheckpointError:
+            pass  # the store itself is failing; the original error is what matters
+
+    def _newest_usable(self, task_id: str) -> CheckpointMetadata | None:
+        found = self.store.usable_checkpoints(task_id)
+        return found[0] if found else None
+
+    # -- read --------------------------------------------------------------------------------
+
+    def list_checkpoints(
+        self,
+        task_id: str | None = None,
+        *,
+        status: CheckpointStatus | str | None = None,
+        limit: int | None = None,
+    ) -> list[CheckpointMetadata]:
+        """Checkpoints, newest first; of one task and one status when given."""
+        if task_id is not None:
+            validate_task_id(task_id)
+        if status is not None:
+            try:
+                status = CheckpointStatus(status)
+            except ValueError:
+                names = ", ".join(s.value for s in CheckpointStatus)
+                raise ValidationError(
+                    f"unknown status {status!r}; expected one of {names}"
+                ) from None
+        if limit is not None and limit < 1:
+            raise ValidationError(f"limit must be at least 1, not {limit}")
+        return self.store.list_checkpoints(task_id, status=status, limit=limit)
+
+    def get_checkpoint(self, checkpoint_id: str) -> CheckpointMetadata:
+        """One checkpoint's metadata; ``CheckpointNotFoundError`` if there is none."""
+        meta = self.store.get_checkpoint(checkpoint_id)
+        if meta is None:
+            raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
+        return meta
+
+    def load_checkpoint(self, checkpoint_id: str) -> LoadedCheckpoint:
+        """A checkpoint's contents, verified against every hash it carries."""
+        return self._load(self.get_checkpoint(checkpoint_id))
+
+    def _load(self, meta: CheckpointMetadata) -> LoadedCheckpoint:
+        manifest = self.store.manifest(meta.checkpoint_id)
+        stored = self.store.load_payloads(d for _, d in manifest)
+        name = f"checkpoint {meta.checkpoint_id}"
+        if not manifest:
+            raise CorruptCheckpointError(f"{name} has no payloads")
+        missing = [d for _, d in manifest if d not in stored]
+        if missing:
+            raise CorruptCheckpointError(f"{name} is missing payload {missing[0][:12]}")
+        payloads = [Payload(k, d, decompress_verified(d, stored[d])) for k, d in manifest]
+        if state_hashes(payloads)[0] != meta.state_hash:
+            raise CorruptCheckpointError(f"{name} does not match its state hash")
+        by_kind: dict[str, list[Payload]] = {}
+        for p in payloads:
+            by_kind.setdefault(p.kind, []).append(p)
+        try:
+            (ttl,) = by_kind["ttl"]
+            (durable,) = by_kind["durable"]
+            (skills,) = by_kind["skills"]
+        except (KeyError, ValueError) as exc:
+            raise CorruptCheckpointError(f"{name} has a malformed manifest") from exc
+        entries, captured_at_ms = decode_runtime(
+            ((p.digest, p.raw) for p in by_kind.get("runtime", [])), (ttl.digest, ttl.raw)
+        )
+        if len(entries) != meta.key_count:
+            raise CorruptCheckpointError(
+                f"{name} holds {len(entries)} keys, its catalog row says {meta.key_count}"
+            )
+        tables = decode_tables(durable.digest, durable.raw)
+        skill_rows = decode_tables(skills.digest, skills.raw).get(SKILL_TABLE, TableRows([], []))
+        return LoadedCheckpoint(meta, entries, captured_at_ms, tables, skill_rows)
+
+    # -- recover -----------------------------------------------------------------------------
+
+    def recover_from_checkpoint(
+        self,
+        task_id: str,
+        checkpoint_id: str | None = None,
+        *,
+        restore_runtime: bool = True,
+        restore_durable: bool = False,
+    ) -> RecoveryResult:
+        """Put the task back as it was at a checkpoint.
+
+        Without ``checkpoint_id`` the newest intact usable checkpoint is used: corrupt
+        ones are skipped and named in ``errors``. The runtime keys are replaced
+        atomically (keys created since are removed); with ``restore_durable`` the task's
+        durable rows are replaced in the same transaction that records the recovery.
+        """
+        task_id = validate_task_id(task_id)
+        if not (restore_runtime or restore_durable):
+            raise ValidationError("nothing to recover: both runtime and durable tiers are off")
+        with self._task_lock(task_id):
+            loaded, notes = self._choose(task_id, checkpoint_id)
+            return self._restore(loaded, notes, restore_runtime, restore_durable)
+
+    def _choose(
+        self, task_id: str, checkpoint_id: str | None
+    ) -> tuple[LoadedCheckpoint, list[str]]:
+        if checkpoint_id is not None:
+            meta = self.get_checkpoint(checkpoint_id)
+            if meta.task_id != task_id:
+                raise ValidationError(
+                    f"checkpoint {checkpoint_id} belongs to task {meta.task_id}, not {task_id}"
+                )
+            if meta.status not in USABLE_STATUSES:
+                raise ValidationError(
+                    f"checkpoint {checkpoint_id} is {meta.status.value}; it cannot be recovered"
+                )
+            return self._load(meta), []
+        candidates = self.store.usable_checkpoints(task_id)
+        if not candidates:
+            raise CheckpointNotFoundError(f"task {task_id} has no completed checkpoint")
+        notes: list[str] = []
+        for meta in candidates:
+            try:
+                loaded = self._load(meta)
+            except CorruptCheckpointError as exc:
+                notes.append(f"skipped corrupt checkpoint {meta.checkpoint_id}: {exc}")
+                continue
+            if notes:
+                notes.append(f"fell back to checkpoint {meta.checkpoint_id}")
+            return loaded, notes
+        raise CorruptCheckpointError(
+            f"every checkpoint of task {task_id} is corrupt; " + "; ".join(notes)
+        )
+
+    def _restore(
+        self, loaded: LoadedCheckpoint, notes: list[str], runtime: bool, durable: bool
+    ) -> RecoveryResult:
+        meta = loaded.meta
+        cfg = self.config
+        result = RecoveryResult(
+            success=False,
+            checkpoint_id=meta.checkpoint_id,
+            task_id=meta.task_id,
+            runtime_state_restored=False,
+            durable_state_restored=False,
+            errors=notes,
+        )
+        with self.store.atomic() as db:
+            if durable:
+                result.rows_restored = self.store.replace_task_rows(db, meta.task_id, loaded.tables)
+                result.durable_state_restored = True
+            if runtime:
+                stats = self.runtime.restore(
+                    meta.task_id,
+                    loaded.entries,
+                    loaded.captured_at_ms,
+                    ttl_policy=cfg.ttl_policy,
+                    atomic_max_keys=cfg.atomic_max_keys,
+                    batch_keys=cfg.batch_keys,
+                )
+                result.runtime_state_restored = True
+                result.keys_restored = stats.keys_written
+                result.keys_removed = stats.keys_removed
+                result.keys_expired = stats.keys_expired
+                result.atomic = stats.atomic
+            self.store.record_recovery(
+                db,
+                meta.checkpoint_id,
+                meta.task_id,
+                runtime=runtime,
+                durable=durable,
+                keys=result.keys_restored,
+                rows=result.rows_restored,
+                notes="; ".join(notes) or None,
+            )
+        result.success = True
+        return result
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def cleanup_old_checkpoints(
+        self, *, older_than: timedelta | None = None, keep_last: int = 1
+    ) -> int:
+        """Remove checkpoints older than the retention period (or ``older_than``).
+
+        A task's newest usable checkpoint is always kept (``keep_last`` of them), and
+        payloads no remaining checkpoint references are deleted. Returns the number of
+        checkpoints removed.
+        """
+        age = self.config.retention_period if older_than is None else older_than
+        if age < timedelta(0):
+            raise ValidationError(f"older_than must not be negative, not {age}")
+        if keep_last < 1:
+            raise ValidationError(f"keep_last must be at least 1, not {keep_last}")
+        removed, _ = self.store.cleanup(utcnow() - age, keep_last=keep_last)
+        self._last_cleanup = time.monotonic()
+        return removed
+
+    def _maybe_cleanup(self) -> None:
+        interval = self.config.periodic_interval.total_seconds()
+        if self.config.enable_auto_cleanup and time.monotonic() - self._last_cleanup >= interval:
+            self.cleanup_old_checkpoints()

@@ -1,0 +1,1 @@
+"""The runtime tier: Redis capture/restore, the embedded server, cluster support."""

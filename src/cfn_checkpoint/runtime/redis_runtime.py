@@ -1,0 +1,260 @@
+"""The runtime tier: reading and writing one task's keys in Redis."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from ..errors import CheckpointError, RestoreError, StoreUnavailableError, ValidationError
+from ..layout import KeyLayout, validate_task_id
+from ..model import RedisType, RuntimeEntry, RuntimeSnapshot, TtlPolicy
+from . import scripts
+
+#: Redis types read natively; every other type is kept as a DUMP payload.
+_NATIVE = {"string", "list", "hash", "set", "zset"}
+#: How often capture re-reads when keys appear while it runs.
+_CAPTURE_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """Turn redis-py connection failures into :class:`StoreUnavailableError`."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailableError(f"Redis unavailable while {action}: {exc}") from exc
+    except redis.AuthenticationError as exc:
+        raise StoreUnavailableError(f"Redis refused the credentials while {action}: {exc}") from exc
+
+
+def connect(url: str, *, socket_timeout: float = 60.0) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) that fails fast."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=5.0,
+            socket_timeout=socket_timeout,
+            decode_responses=False,
+        )
+    except ValueError as exc:
+        raise ValidationError(f"malformed Redis URL {url!r}: {exc}") from exc
+    with redis_errors(f"connecting to {url}"):
+        client.ping()
+    return client
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreStats:
+    """What a runtime restore wrote."""
+
+    keys_written: int
+    keys_removed: int
+    keys_expired: int
+    atomic: bool
+
+
+class RedisRuntime:
+    """One Redis server (or a client to one) and the key layout of the tasks in it."""
+
+    def __init__(
+        self, client: redis.Redis, *, layout: KeyLayout | None = None, scan_count: int = 1000
+    ) -> None:
+        self.client = client
+        self.layout = layout or KeyLayout()
+        self.scan_count = scan_count
+        self._capture = Script(client, scripts.CAPTURE)
+        self._restore = Script(client, scripts.RESTORE)
+        self._delete = Script(client, scripts.DELETE)
+
+    def version(self) -> str:
+        """The server's ``redis_version``."""
+        with redis_errors("reading the server version"):
+            info: dict[str, Any] = self.client.info("server")
+        return str(info.get("redis_version", ""))
+
+    def server_time_ms(self) -> int:
+        """The server clock in ms since the epoch (the clock TTL deadlines are kept in)."""
+        with redis_errors("reading the server clock"):
+            seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def task_keys(self, task_id: str) -> list[bytes]:
+        """Every key of ``task_id`` in the four namespaces, sorted. Uses SCAN, never KEYS."""
+        prefixes = self.layout.task_prefixes(validate_task_id(task_id))
+        pattern = self.layout.scan_pattern(task_id)
+        found: set[bytes] = set()
+        with redis_errors(f"listing the keys of task {task_id}"):
+            for key in self.client.scan_iter(match=pattern, count=self.scan_count):
+                if key.startswith(prefixes):
+                    found.add(key)
+        return sorted(found)
+
+    def task_ids(self) -> set[str]:
+        """Ids of every task that has at least one runtime key."""
+        found: set[str] = set()
+        with redis_errors("listing tasks"):
+            for namespace in self.layout.namespaces():
+                pattern = self.layout.prefix.encode() + namespace.encode() + b":*"
+                for key in self.client.scan_iter(match=pattern, count=self.scan_count):
+                    task = self.layout.task_of(key)
+                    if task is not None:
+                        found.add(task)
+        return found
+
+    # -- capture -----------------------------------------------------------------------------
+
+    def capture(
+        self, task_id: str, *, atomic_max_keys: int = 50_000, batch_keys: int = 1_000
+    ) -> RuntimeSnapshot:
+        """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
+
+        Keys are found with SCAN, then read in one Lua script. A second SCAN checks
+        that no key appeared in between; if one did, the read is repeated with it.
+        """
+        version = self.version()
+        keys = self.task_keys(task_id)
+        for _ in range(_CAPTURE_ATTEMPTS):
+            if len(keys) > atomic_max_keys:
+                break
+            now_ms, entries = self._read(keys)
+            later = self.task_keys(task_id)
+            if set(later) <= set(keys):
+                return RuntimeSnapshot(task_id, entries, now_ms, True, version)
+            keys = sorted(set(keys) | set(later))
+        entries = []
+        now_ms = 0
+        for start in range(0, len(keys), batch_keys):
+            batch_now, batch = self._read(keys[start : start + batch_keys])
+            now_ms = now_ms or batch_now
+            entries.extend(batch)
+        return RuntimeSnapshot(task_id, entries, now_ms or self.server_time_ms(), False, version)
+
+    def _read(self, keys: Sequence[bytes]) -> tuple[int, list[RuntimeEntry]]:
+        with redis_errors("reading task keys"):
+            reply = self._capture(keys=list(keys), args=[])
+        now_ms = int(reply[0])
+        entries: list[RuntimeEntry] = []
+        for key, item in zip(keys, reply[1:], strict=True):
+            type_name = item[0].decode()
+            if type_name == "none":
+                continue
+            pttl = int(item[1])
+            if pttl == -2:  # expired between TYPE and PTTL: impossible inside a script
+                continue
+            entries.append(_entry(key, type_name, pttl, item[2]))
+        return now_ms, entries
+
+    # -- restore -----------------------------------------------------------------------------
+
+    def restore(
+        self,
+        task_id: str,
+        entries: Sequence[RuntimeEntry],
+        captured_at_ms: int,
+        *,
+        ttl_policy: TtlPolicy | None = None,
+        atomic_max_keys: int = 50_000,
+        batch_keys: int = 1_000,
+    ) -> RestoreStats:
+        """Make the task's keys exactly ``entries``: others of the task are removed.
+
+        Atomic (one Lua script) when the keys involved number at most
+        ``atomic_max_keys``; in batches otherwise.
+        """
+        policy = ttl_policy or TtlPolicy()
+        for entry in entries:
+            if self.layout.role_of(task_id, entry.key) is None:
+                raise RestoreError(
+                    f"checkpoint key {entry.key!r} does not belong to task {task_id}"
+                )
+        now_ms = self.server_time_ms()
+        elapsed = max(0, now_ms - captured_at_ms)
+        writes: list[tuple[RuntimeEntry, int]] = []
+        expired = 0
+        for entry in entries:
+            pttl = self._ttl_for(task_id, entry, elapsed, policy)
+            if pttl is not None and pttl <= 0:
+                expired += 1
+                continue
+            writes.append((entry, pttl or -1))
+        keep = {entry.key for entry, _ in writes}
+        stale = [key for key in self.task_keys(task_id) if key not in keep]
+        try:
+            if len(stale) + len(writes) <= atomic_max_keys:
+                self._write(stale, writes)
+                return RestoreStats(len(writes), len(stale), expired, True)
+            for start in range(0, len(stale), batch_keys):
+                with redis_errors("removing task keys"):
+                    self._delete(keys=stale[start : start + batch_keys], args=[])
+            for start in range(0, len(writes), batch_keys):
+                self._write([], writes[start : start + batch_keys])
+        except redis.ResponseError as exc:
+            raise RestoreError(f"Redis rejected the restore of task {task_id}: {exc}") from exc
+        return RestoreStats(len(writes), len(stale), expired, False)
+
+    def _ttl_for(
+        self, task_id: str, entry: RuntimeEntry, elapsed: int, policy: TtlPolicy
+    ) -> int | None:
+        if entry.pttl_ms is None:
+            return None
+        role = self.layout.role_of(task_id, entry.key)
+        mode = policy.locks if role == "lock" else policy.others
+        return entry.pttl_ms - elapsed if mode == "absolute" else entry.pttl_ms
+
+    def _write(self, stale: Sequence[bytes], writes: Sequence[tuple[RuntimeEntry, int]]) -> None:
+        keys: list[bytes] = list(stale)
+        args: list[Any] = [len(stale)]
+        for entry, pttl in writes:
+            keys.append(entry.key)
+            items = _items(entry)
+            args.extend((entry.type.value, pttl, len(items)))
+            args.extend(items)
+        with redis_errors("writing task keys"):
+            self._restore(keys=keys, args=args)
+
+    def delete_task(self, task_id: str) -> int:
+        """Remove every runtime key of ``task_id`` (what a crash or a flush would do)."""
+        keys = self.task_keys(task_id)
+        removed = 0
+        with redis_errors(f"deleting the keys of task {task_id}"):
+            for start in range(0, len(keys), 1000):
+                removed += int(self._delete(keys=keys[start : start + 1000], args=[]))
+        return removed
+
+
+def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _entry(key: bytes, type_name: str, pttl: int, value: Any) -> RuntimeEntry:
+    ttl = pttl if pttl >= 0 else None
+    if type_name == "string":
+        return RuntimeEntry(key, RedisType.STRING, value, ttl)
+    if type_name == "list":
+        return RuntimeEntry(key, RedisType.LIST, list(value), ttl)
+    if type_name == "set":
+        return RuntimeEntry(key, RedisType.SET, sorted(value), ttl)
+    if type_name == "hash":
+        return RuntimeEntry(key, RedisType.HASH, sorted(_pairs(value)), ttl)
+    if type_name == "zset":
+        return RuntimeEntry(key, RedisType.ZSET, _pairs(value), ttl)
+    return RuntimeEntry(key, RedisType.DUMP, value, ttl, native_type=type_name)
+
+
+def _items(entry: RuntimeEntry) -> list[bytes]:
+    if entry.type in (RedisType.STRING, RedisType.DUMP):
+        return [entry.value]
+    if entry.type in (RedisType.LIST, RedisType.SET):
+        return list(entry.value)
+    if entry.type == RedisType.HASH:
+        return [part for pair in entry.value for part in pair]
+    if entry.type == RedisType.ZSET:
+        return [part for member, score in entry.value for part in (score, member)]
+    raise CheckpointError(f"cannot restore a key of type {entry.type}")

@@ -1,0 +1,112 @@
+"""Lua scripts run inside Redis. Each one runs atomically: no other client sees a half-step.
+
+Scripts only touch the keys given in KEYS, so they work unchanged on Redis Cluster
+when those keys share a slot (the cluster layout's hash tag), and they use only
+commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
+"""
+
+from __future__ import annotations
+
+#: Read keys atomically.
+#: KEYS: the keys to read.  ARGV: none.
+#: Returns ``{now_ms, {type, pttl, value}, ...}`` with one triple per key, in KEYS order:
+#: ``{"none"}`` for a key that vanished; value is a bulk string (string; DUMP payload for
+#: any type other than string/list/hash/set/zset), or a flat array (list items; set
+#: members; hash field, value, ...; zset member, score, ... in rank order).
+CAPTURE = r"""
+local t = redis.call('TIME')
+local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local ty = redis.call('TYPE', key)['ok']
+  if ty == 'none' then
+    out[#out + 1] = {'none'}
+  else
+    local value
+    if ty == 'string' then
+      value = redis.call('GET', key)
+    elseif ty == 'list' then
+      value = redis.call('LRANGE', key, 0, -1)
+    elseif ty == 'hash' then
+      value = redis.call('HGETALL', key)
+    elseif ty == 'set' then
+      value = redis.call('SMEMBERS', key)
+    elseif ty == 'zset' then
+      value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+    else
+      value = redis.call('DUMP', key)
+    end
+    out[#out + 1] = {ty, redis.call('PTTL', key), value}
+  end
+end
+return out
+"""
+
+#: Replace keys atomically.
+#: KEYS: first the keys to delete (ARGV[1] of them), then the keys to write.
+#: ARGV: ``ndelete``, then per key to write: ``type, pttl, n, item1 .. itemN`` where type is
+#: string|list|hash|set|zset|dump, pttl is the TTL to set in ms (<= 0: none) and the items
+#: are: the value (string, dump); the elements (list, set); field, value, ... (hash);
+#: score, member, ... (zset). Items are sent 1000 at a time (an even number, so pairs stay
+#: whole) to stay below Lua's unpack limit.
+#: Returns the number of keys written.
+RESTORE = r"""
+local ndel = tonumber(ARGV[1])
+for i = 1, ndel do
+  redis.call('DEL', KEYS[i])
+end
+local commands = {list = 'RPUSH', set = 'SADD', hash = 'HSET', zset = 'ZADD'}
+local a = 2
+for i = ndel + 1, #KEYS do
+  local key = KEYS[i]
+  local ty = ARGV[a]
+  local pttl = tonumber(ARGV[a + 1])
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  redis.call('DEL', key)
+  if ty == 'string' then
+    redis.call('SET', key, ARGV[a])
+  elseif ty == 'dump' then
+    redis.call('RESTORE', key, 0, ARGV[a], 'REPLACE')
+  else
+    local cmd = commands[ty]
+    local j = a
+    local last = a + n - 1
+    while j <= last do
+      local k = math.min(j + 999, last)
+      redis.call(cmd, key, unpack(ARGV, j, k))
+      j = k + 1
+    end
+  end
+  a = a + n
+  if pttl > 0 then
+    redis.call('PEXPIRE', key, pttl)
+  end
+end
+return #KEYS - ndel
+"""
+
+#: Delete keys atomically.  KEYS: the keys.  Returns the number deleted.
+DELETE = r"""
+local n = 0
+for i = 1, #KEYS do
+  n = n + redis.call('DEL', KEYS[i])
+end
+return n
+"""
+
+#: Release a lock only if ARGV[1] (the owner token) still holds KEYS[1].  Returns 1 or 0.
+RELEASE_IF_OWNER = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+#: Extend a lock's TTL to ARGV[2] ms only if ARGV[1] (the owner token) holds KEYS[1].
+EXTEND_IF_OWNER = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
