@@ -295,6 +295,14 @@ class CheckpointManager:
         return self._load(self.get_checkpoint(checkpoint_id))
 
     def _load(self, meta: CheckpointMetadata) -> LoadedCheckpoint:
+        try:
+            return self._load_verified(meta)
+        except CorruptCheckpointError as exc:
+            if meta.checkpoint_id in str(exc):
+                raise
+            raise CorruptCheckpointError(f"checkpoint {meta.checkpoint_id}: {exc}") from exc
+
+    def _load_verified(self, meta: CheckpointMetadata) -> LoadedCheckpoint:
         manifest = self.store.manifest(meta.checkpoint_id)
         stored = self.store.load_payloads(d for _, d in manifest)
         name = f"checkpoint {meta.checkpoint_id}"

@@ -184,6 +184,7 @@ class RedisRuntime:
                 expired += 1
                 continue
             writes.append((entry, pttl or -1))
+        self._check_dumps(task_id, [entry for entry, _ in writes])
         keep = {entry.key for entry, _ in writes}
         stale = [key for key in self.task_keys(task_id) if key not in keep]
         try:
@@ -198,6 +199,29 @@ class RedisRuntime:
         except redis.ResponseError as exc:
             raise RestoreError(f"Redis rejected the restore of task {task_id}: {exc}") from exc
         return RestoreStats(len(writes), len(stale), expired, False)
+
+    def _check_dumps(self, task_id: str, entries: Sequence[RuntimeEntry]) -> None:
+        """Refuse, before anything is written, DUMP payloads this server cannot read.
+
+        A script that fails half-way keeps its earlier writes, so a payload from a
+        newer Redis (a stream taken on 7.x, restored on 6.2) is tried on a scratch key
+        first. The scratch key carries the task's hash tag, so it shares the slot.
+        """
+        scratch = f"{self.layout.prefix}cfn-checkpoint:scratch:{{{task_id}}}".encode()
+        for entry in entries:
+            if entry.type is not RedisType.DUMP:
+                continue
+            try:
+                with redis_errors("checking a DUMP payload"):
+                    self.client.restore(scratch, 0, entry.value, replace=True)
+            except redis.ResponseError as exc:
+                raise RestoreError(
+                    f"key {entry.key!r} ({entry.native_type}) cannot be restored on Redis "
+                    f"{self.version()}: {exc}; nothing was written"
+                ) from exc
+            finally:
+                with redis_errors("checking a DUMP payload"):
+                    self.client.delete(scratch)
 
     def _ttl_for(
         self, task_id: str, entry: RuntimeEntry, elapsed: int, policy: TtlPolicy

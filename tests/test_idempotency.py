@@ -1,0 +1,101 @@
+"""Guarantee 6 (idempotent): an unchanged task returns the existing checkpoint, stores nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from cfn_checkpoint import CheckpointManager, KeyLayout
+
+
+def _seed(client: redis.Redis, layout: KeyLayout) -> None:
+    k = layout.key
+    client.set(k("agent", "t", "a1"), b'{"status":"running"}')
+    client.set(k("signal", "t", "go"), b"1", px=60_000)
+    client.rpush(k("queue", "t", "q"), b"x", b"y")
+    client.set(k("lock", "t", "l"), b"owner-1", px=30_000)
+    client.hset(k("agent", "t", "h"), mapping={b"f": b"v"})
+
+
+def _stored(manager: CheckpointManager) -> tuple[int, int]:
+    return manager.store.payload_stats()
+
+
+def test_unchanged_task_with_ttls_ticking_returns_same_checkpoint(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    _seed(client, layout)
+    manager.durable.record_task_result("t", "a1", {"ok": True})
+    first = manager.create_checkpoint("t", "iteration_boundary")
+    stored = _stored(manager)
+    time.sleep(0.05)  # TTLs tick down
+    again = manager.create_checkpoint("t", "periodic")
+    assert again.checkpoint_id == first.checkpoint_id
+    assert _stored(manager) == stored
+    assert len(manager.list_checkpoints("t")) == 1
+
+
+Change = Callable[[redis.Redis, KeyLayout], object]
+
+CHANGES: dict[str, Change] = {
+    "value": lambda c, k: c.set(k.key("agent", "t", "a1"), b'{"status":"done"}'),
+    "same bytes, other type": lambda c, k: (
+        c.delete(k.key("queue", "t", "q")),
+        c.sadd(k.key("queue", "t", "q"), b"x", b"y"),
+    ),
+    "ttl added": lambda c, k: c.pexpire(k.key("agent", "t", "a1"), 100_000),
+    "ttl removed": lambda c, k: c.persist(k.key("signal", "t", "go")),
+    "new key": lambda c, k: c.set(k.key("signal", "t", "new"), b""),
+    "key removed": lambda c, k: c.delete(k.key("agent", "t", "h")),
+    "list order": lambda c, k: (
+        c.delete(k.key("queue", "t", "q")),
+        c.rpush(k.key("queue", "t", "q"), b"y", b"x"),
+    ),
+    "hash field": lambda c, k: c.hset(k.key("agent", "t", "h"), b"g", b""),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_any_runtime_change_makes_a_new_checkpoint(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, change: str
+) -> None:
+    _seed(client, layout)
+    first = manager.create_checkpoint("t")
+    CHANGES[change](client, layout)
+    second = manager.create_checkpoint("t")
+    assert second.checkpoint_id != first.checkpoint_id
+    assert second.state_hash != first.state_hash
+    assert [m.checkpoint_id for m in manager.list_checkpoints("t")] == [
+        second.checkpoint_id,
+        first.checkpoint_id,
+    ]
+
+
+def test_durable_change_makes_a_new_checkpoint(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    _seed(client, layout)
+    first = manager.create_checkpoint("t")
+    manager.durable.record_agent_metric("t", "a1", "tokens", 12.0)
+    second = manager.create_checkpoint("t")
+    assert second.checkpoint_id != first.checkpoint_id
+    assert second.runtime_state_hash == first.runtime_state_hash
+    assert second.durable_state_hash != first.durable_state_hash
+
+
+def test_change_back_is_not_confused_with_an_older_checkpoint(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    _seed(client, layout)
+    a = manager.create_checkpoint("t")
+    client.set(layout.key("agent", "t", "a1"), b"other")
+    b = manager.create_checkpoint("t")
+    client.set(layout.key("agent", "t", "a1"), b'{"status":"running"}')
+    c = manager.create_checkpoint("t")
+    # State A again, after B: a new newest checkpoint, so recovery brings back A's state.
+    assert c.checkpoint_id not in (a.checkpoint_id, b.checkpoint_id)
+    assert c.state_hash == a.state_hash
+    assert c.stored_bytes < a.stored_bytes  # payloads shared with A are not stored again
