@@ -1,46 +1,96 @@
 """Lua scripts run inside Redis. Each one runs atomically: no other client sees a half-step.
 
-Scripts only touch the keys given in KEYS, so they work unchanged on Redis Cluster
-when those keys share a slot (the cluster layout's hash tag), and they use only
-commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
+Scripts other than CAPTURE_SCAN only touch the keys given in KEYS, so they work unchanged
+on Redis Cluster when those keys share a slot (the cluster layout's hash tag). All use
+only commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
 """
 
 from __future__ import annotations
 
-#: Read keys atomically.
-#: KEYS: the keys to read.  ARGV: none.
-#: Returns ``{now_ms, {type, pttl, value}, ...}`` with one triple per key, in KEYS order:
-#: ``{"none"}`` for a key that vanished; value is a bulk string (string; DUMP payload for
-#: any type other than string/list/hash/set/zset), or a flat array (list items; set
-#: members; hash field, value, ...; zset member, score, ... in rank order).
-CAPTURE = r"""
-local t = redis.call('TIME')
-local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
-for i = 1, #KEYS do
-  local key = KEYS[i]
+#: Lua: ``read(key)`` -> ``{type, pttl, value}`` (``{"none"}`` for a missing key), shared by
+#: the capture scripts. value is a bulk string (string; DUMP payload for any type other than
+#: string/list/hash/set/zset) or a flat array (list items; set members; hash field, value,
+#: ...; zset member, score, ... in rank order).
+_READ_KEY = r"""
+local function read(key)
   local ty = redis.call('TYPE', key)['ok']
   if ty == 'none' then
-    out[#out + 1] = {'none'}
-  else
-    local value
-    if ty == 'string' then
-      value = redis.call('GET', key)
-    elseif ty == 'list' then
-      value = redis.call('LRANGE', key, 0, -1)
-    elseif ty == 'hash' then
-      value = redis.call('HGETALL', key)
-    elseif ty == 'set' then
-      value = redis.call('SMEMBERS', key)
-    elseif ty == 'zset' then
-      value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-    else
-      value = redis.call('DUMP', key)
-    end
-    out[#out + 1] = {ty, redis.call('PTTL', key), value}
+    return {'none'}
   end
+  local value
+  if ty == 'string' then
+    value = redis.call('GET', key)
+  elseif ty == 'list' then
+    value = redis.call('LRANGE', key, 0, -1)
+  elseif ty == 'hash' then
+    value = redis.call('HGETALL', key)
+  elseif ty == 'set' then
+    value = redis.call('SMEMBERS', key)
+  elseif ty == 'zset' then
+    value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  else
+    value = redis.call('DUMP', key)
+  end
+  return {ty, redis.call('PTTL', key), value}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: Read keys atomically.
+#: KEYS: the keys to read.  ARGV: none.
+#: Returns ``{now_ms, read(KEYS[1]), read(KEYS[2]), ...}``.
+CAPTURE = (
+    _READ_KEY
+    + r"""
+local out = {now}
+for i = 1, #KEYS do
+  out[#out + 1] = read(KEYS[i])
 end
 return out
 """
+)
+
+#: Find and read a task's keys in one atomic step (standalone Redis only: it reads keys
+#: not declared in KEYS).
+#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, prefix1, prefix2, ...``; a key is the
+#: task's if it starts with one of the prefixes (the pattern may match more).
+#: Returns ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
+#: ``{now_ms, key1, read(key1), key2, read(key2), ...}``. SCAN may repeat a key; ``seen``
+#: drops repeats.
+CAPTURE_SCAN = (
+    _READ_KEY
+    + r"""
+local max_keys = tonumber(ARGV[2])
+local keys = {}
+local seen = {}
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', ARGV[3])
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    if not seen[key] then
+      for p = 4, #ARGV do
+        if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
+          seen[key] = true
+          keys[#keys + 1] = key
+          break
+        end
+      end
+    end
+  end
+until cursor == '0'
+if #keys > max_keys then
+  return {now, -1, #keys}
+end
+local out = {now}
+for _, key in ipairs(keys) do
+  out[#out + 1] = key
+  out[#out + 1] = read(key)
+end
+return out
+"""
+)
 
 #: Replace keys atomically.
 #: KEYS: first the keys to delete (ARGV[1] of them), then the keys to write.
