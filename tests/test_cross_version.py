@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def test_checkpoint_restores_on_the_other_version(
     )
     assert server_version(source_url) != server_version(target_url)
     layout = KeyLayout(prefix=prefix)
-    db = f"sqlite:///{tmp_path / 'cross.db'}"
+    db = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"  # a fresh store per example
     with CheckpointManager.open(source_url, db, layout=layout) as source:
         _wipe(source.runtime.client, prefix)
         write_state(source.runtime.client, layout, "task-x", state)

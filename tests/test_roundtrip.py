@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -30,14 +32,30 @@ def _wipe_prefix(client: redis.Redis, prefix: str) -> None:
 )
 @given(state=task_states, other=task_states, later=task_states)
 def test_random_state_round_trips_exactly(
-    manager: CheckpointManager,
-    client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
     layout: KeyLayout,
     prefix: str,
     state: dict[Any, Any],
     other: dict[Any, Any],
     later: dict[Any, Any],
 ) -> None:
+    # A fresh store per example: an earlier example with the same content would otherwise
+    # be returned as the (idempotent) checkpoint, with the TTLs of its own capture.
+    db_url = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"
+    with CheckpointManager.open(redis_url, db_url, layout=layout) as manager:
+        _round_trip(manager, layout, prefix, state, other, later)
+
+
+def _round_trip(
+    manager: CheckpointManager,
+    layout: KeyLayout,
+    prefix: str,
+    state: dict[Any, Any],
+    other: dict[Any, Any],
+    later: dict[Any, Any],
+) -> None:
+    client = manager.runtime.client
     _wipe_prefix(client, prefix)
     write_state(client, layout, "task-1", state)
     # Tasks whose ids share a prefix with task-1, and a key outside every namespace.
