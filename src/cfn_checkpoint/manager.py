@@ -393,7 +393,6 @@ class CheckpointManager:
         self, loaded: LoadedCheckpoint, notes: list[str], runtime: bool, durable: bool
     ) -> RecoveryResult:
         meta = loaded.meta
-        cfg = self.config
         result = RecoveryResult(
             success=False,
             checkpoint_id=meta.checkpoint_id,
@@ -402,36 +401,53 @@ class CheckpointManager:
             durable_state_restored=False,
             errors=notes,
         )
-        with self.store.atomic() as db:
-            if durable:
-                result.rows_restored = self.store.replace_task_rows(db, meta.task_id, loaded.tables)
-                result.durable_state_restored = True
-            if runtime:
-                stats = self.runtime.restore(
-                    meta.task_id,
-                    loaded.entries,
-                    loaded.captured_at_ms,
-                    ttl_policy=cfg.ttl_policy,
-                    atomic_max_keys=cfg.atomic_max_keys,
-                    batch_keys=cfg.batch_keys,
+        if durable:
+            # Both tiers: the durable rows are replaced in a transaction that stays open
+            # around the runtime restore, so a failure of either leaves both as they were.
+            with self.store.atomic() as db:
+                result.rows_restored = self.store.replace_task_rows(
+                    db, meta.task_id, loaded.tables
                 )
-                result.runtime_state_restored = True
-                result.keys_restored = stats.keys_written
-                result.keys_removed = stats.keys_removed
-                result.keys_expired = stats.keys_expired
-                result.atomic = stats.atomic
-            self.store.record_recovery(
-                db,
-                meta.checkpoint_id,
-                meta.task_id,
-                runtime=runtime,
-                durable=durable,
-                keys=result.keys_restored,
-                rows=result.rows_restored,
-                notes="; ".join(notes) or None,
-            )
+                result.durable_state_restored = True
+                if runtime:
+                    self._restore_runtime(loaded, result)
+                self._record(db, result, notes)
+        else:
+            # Runtime only: no durable transaction is held while Redis is written, so
+            # other tasks' creates and recoveries on the same store are not held up.
+            self._restore_runtime(loaded, result)
+            with self.store.atomic() as db:
+                self._record(db, result, notes)
         result.success = True
         return result
+
+    def _restore_runtime(self, loaded: LoadedCheckpoint, result: RecoveryResult) -> None:
+        cfg = self.config
+        stats = self.runtime.restore(
+            loaded.meta.task_id,
+            loaded.entries,
+            loaded.captured_at_ms,
+            ttl_policy=cfg.ttl_policy,
+            atomic_max_keys=cfg.atomic_max_keys,
+            batch_keys=cfg.batch_keys,
+        )
+        result.runtime_state_restored = True
+        result.keys_restored = stats.keys_written
+        result.keys_removed = stats.keys_removed
+        result.keys_expired = stats.keys_expired
+        result.atomic = stats.atomic
+
+    def _record(self, db: Any, result: RecoveryResult, notes: list[str]) -> None:
+        self.store.record_recovery(
+            db,
+            result.checkpoint_id,
+            result.task_id,
+            runtime=result.runtime_state_restored,
+            durable=result.durable_state_restored,
+            keys=result.keys_restored,
+            rows=result.rows_restored,
+            notes="; ".join(notes) or None,
+        )
 
     # -- retention ---------------------------------------------------------------------------
 
