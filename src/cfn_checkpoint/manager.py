@@ -93,7 +93,7 @@ def _metadata(value: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValidationError(f"metadata must be a mapping, not {type(value).__name__}")
     try:
-        return dict(json.loads(json.dumps(dict(value), sort_keys=True)))
+        return dict(json.loads(json.dumps(dict(value), sort_keys=True, allow_nan=False)))
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"metadata must be JSON-serializable: {exc}") from exc
 
@@ -132,15 +132,19 @@ class CheckpointManager:
         ``durable_url`` defaults to ``CFN_DURABLE_URL``, else ``sqlite:///cfn-checkpoint.db``.
         """
         redis_url = redis_url or redis_url_from_env()
-        store = open_store(durable_url or durable_url_from_env())
+        durable_url = durable_url or durable_url_from_env()
         embedded = None
+        runtime = None
         try:
             if redis_url is None:
                 embedded = EmbeddedRedis(binary=redis_binary).start()
                 redis_url = embedded.url
             runtime = RedisRuntime(connect(redis_url), layout=layout)
+            # Redis first: an unreachable server leaves no new database file behind.
+            store = open_store(durable_url)
         except BaseException:
-            store.close()
+            if runtime is not None:
+                runtime.client.close()
             if embedded is not None:
                 embedded.stop()
             raise
@@ -279,6 +283,8 @@ class CheckpointManager:
                 raise ValidationError(
                     f"unknown status {status!r}; expected one of {names}"
                 ) from None
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise ValidationError(f"limit must be a whole number, not {limit!r}")
         if limit is not None and limit < 1:
             raise ValidationError(f"limit must be at least 1, not {limit}")
         return self.store.list_checkpoints(task_id, status=status, limit=limit)
@@ -416,8 +422,13 @@ class CheckpointManager:
             # Runtime only: no durable transaction is held while Redis is written, so
             # other tasks' creates and recoveries on the same store are not held up.
             self._restore_runtime(loaded, result)
-            with self.store.atomic() as db:
-                self._record(db, result, notes)
+            try:
+                with self.store.atomic() as db:
+                    self._record(db, result, notes)
+            except CheckpointError as exc:
+                # The task is back; only the bookkeeping failed. Say so rather than
+                # report a failure for a recovery that took place.
+                notes.append(f"recovery succeeded but could not be recorded: {exc}")
         result.success = True
         return result
 
@@ -461,6 +472,8 @@ class CheckpointManager:
         checkpoints removed.
         """
         age = self.config.retention_period if older_than is None else older_than
+        if not isinstance(age, timedelta):
+            raise ValidationError(f"older_than must be a timedelta, not {age!r}")
         if age < timedelta(0):
             raise ValidationError(f"older_than must not be negative, not {age}")
         if keep_last < 1:

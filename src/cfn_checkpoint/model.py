@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from .errors import ValidationError
+
 #: Version of the stored checkpoint format (payload encoding and manifest).
 FORMAT_VERSION = 1
 
@@ -168,7 +170,9 @@ class TtlPolicy:
     def __post_init__(self) -> None:
         for name in (self.locks, self.others):
             if name not in ("absolute", "remaining"):
-                raise ValueError(f"TTL policy must be 'absolute' or 'remaining', not {name!r}")
+                raise ValidationError(
+                    f"TTL policy must be 'absolute' or 'remaining', not {name!r}"
+                )
 
 
 @dataclass(frozen=True, slots=True)

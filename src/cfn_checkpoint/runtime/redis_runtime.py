@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.commands.core import Script
@@ -32,6 +33,16 @@ def redis_errors(action: str) -> Iterator[None]:
         raise StoreUnavailableError(f"Redis refused the credentials while {action}: {exc}") from exc
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
+    parsed = urlsplit(url)
+    if parsed.password is None:
+        return url
+    user = parsed.username or ""
+    host = parsed.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parsed._replace(netloc=f"{user}:***@{host}"))
+
+
 def connect(url: str, *, socket_timeout: float = 60.0) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) that fails fast."""
     try:
@@ -42,8 +53,8 @@ def connect(url: str, *, socket_timeout: float = 60.0) -> redis.Redis:
             decode_responses=False,
         )
     except ValueError as exc:
-        raise ValidationError(f"malformed Redis URL {url!r}: {exc}") from exc
-    with redis_errors(f"connecting to {url}"):
+        raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: {exc}") from exc
+    with redis_errors(f"connecting to {redact_url(url)}"):
         client.ping()
     return client
 
