@@ -15,24 +15,18 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .codec import (
-    Payload,
-    compress,
-    decode_runtime,
-    decode_tables,
-    decompress_verified,
-    encode_runtime,
-    encode_tables,
-    state_hashes,
-)
+from .codec import compress, encode_runtime, encode_tables, state_hashes
 from .config import durable_url_from_env, redis_url_from_env
+from .contents import CheckpointContents, verify_contents
+from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states
 from .durable.schema import SKILL_TABLE
-from .durable.sqlite import SqliteStore, utcnow
+from .durable.sqlite import CleanupResult, SqliteStore, utcnow
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -47,24 +41,15 @@ from .model import (
     CheckpointStatus,
     CheckpointTrigger,
     RecoveryResult,
-    RuntimeEntry,
-    TableRows,
+    TaskState,
+    TaskSummary,
 )
 from .runtime.embedded import EmbeddedRedis
 from .runtime.lock import TaskLock
 from .runtime.redis_runtime import RedisRuntime, connect
 from .runtime.writer import TaskWriter
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedCheckpoint:
-    """A verified checkpoint's contents."""
-
-    meta: CheckpointMetadata
-    entries: list[RuntimeEntry]
-    captured_at_ms: int
-    tables: dict[str, TableRows]
-    skills: TableRows
+from .scheduler import Listener, PeriodicCheckpointer
+from .transfer import read_export, write_export
 
 
 def open_store(durable_url: str) -> SqliteStore:
@@ -114,6 +99,7 @@ class CheckpointManager:
         self.config = config or CheckpointConfig()
         self._embedded = embedded
         self._last_cleanup = time.monotonic()
+        self._schedulers: list[PeriodicCheckpointer] = []
 
     @classmethod
     def open(
@@ -151,7 +137,9 @@ class CheckpointManager:
         return cls(runtime, store, config=config, embedded=embedded)
 
     def close(self) -> None:
-        """Close both tiers and stop the embedded Redis, if this manager started one."""
+        """Stop periodic checkpoints, close both tiers, stop an embedded Redis it started."""
+        for scheduler in self._schedulers:
+            scheduler.stop()
         self.runtime.client.close()
         self.store.close()
         if self._embedded is not None:
@@ -296,49 +284,162 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
         return meta
 
-    def load_checkpoint(self, checkpoint_id: str) -> LoadedCheckpoint:
+    def load_checkpoint(self, checkpoint_id: str) -> CheckpointContents:
         """A checkpoint's contents, verified against every hash it carries."""
         return self._load(self.get_checkpoint(checkpoint_id))
 
-    def _load(self, meta: CheckpointMetadata) -> LoadedCheckpoint:
-        try:
-            return self._load_verified(meta)
-        except CorruptCheckpointError as exc:
-            if meta.checkpoint_id in str(exc):
-                raise
-            raise CorruptCheckpointError(f"checkpoint {meta.checkpoint_id}: {exc}") from exc
-
-    def _load_verified(self, meta: CheckpointMetadata) -> LoadedCheckpoint:
+    def _load(self, meta: CheckpointMetadata) -> CheckpointContents:
         manifest = self.store.manifest(meta.checkpoint_id)
         stored = self.store.load_payloads(d for _, d in manifest)
-        name = f"checkpoint {meta.checkpoint_id}"
-        if not manifest:
-            raise CorruptCheckpointError(f"{name} has no payloads")
-        missing = [d for _, d in manifest if d not in stored]
-        if missing:
-            raise CorruptCheckpointError(f"{name} is missing payload {missing[0][:12]}")
-        payloads = [Payload(k, d, decompress_verified(d, stored[d])) for k, d in manifest]
-        if state_hashes(payloads)[0] != meta.state_hash:
-            raise CorruptCheckpointError(f"{name} does not match its state hash")
-        by_kind: dict[str, list[Payload]] = {}
-        for p in payloads:
-            by_kind.setdefault(p.kind, []).append(p)
-        try:
-            (ttl,) = by_kind["ttl"]
-            (durable,) = by_kind["durable"]
-            (skills,) = by_kind["skills"]
-        except (KeyError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{name} has a malformed manifest") from exc
-        entries, captured_at_ms = decode_runtime(
-            ((p.digest, p.raw) for p in by_kind.get("runtime", [])), (ttl.digest, ttl.raw)
+        return verify_contents(meta, manifest, stored)
+
+    def verify_checkpoint(self, checkpoint_id: str) -> CheckpointMetadata:
+        """Check every payload of a checkpoint against its hashes; raise if corrupt."""
+        return self.load_checkpoint(checkpoint_id).meta
+
+    def verify_all(
+        self, task_id: str | None = None
+    ) -> list[tuple[CheckpointMetadata, CorruptCheckpointError | None]]:
+        """Verify every completed or recovered checkpoint (of one task, if given)."""
+        results: list[tuple[CheckpointMetadata, CorruptCheckpointError | None]] = []
+        for meta in self.list_checkpoints(task_id):
+            if meta.status not in USABLE_STATUSES:
+                continue
+            try:
+                self._load(meta)
+            except CorruptCheckpointError as exc:
+                results.append((meta, exc))
+            else:
+                results.append((meta, None))
+        return results
+
+    # -- inspect -----------------------------------------------------------------------------
+
+    def live_state(self, task_id: str) -> TaskState:
+        """The task as it is now in both tiers (read like a checkpoint, stored nowhere)."""
+        task_id = validate_task_id(task_id)
+        cfg = self.config
+        snapshot = self.runtime.capture(
+            task_id, atomic_max_keys=cfg.atomic_max_keys, batch_keys=cfg.batch_keys
         )
-        if len(entries) != meta.key_count:
-            raise CorruptCheckpointError(
-                f"{name} holds {len(entries)} keys, its catalog row says {meta.key_count}"
+        durable = self.store.read_durable(task_id)
+        return TaskState(task_id, snapshot.entries, snapshot.captured_at_ms, durable.tables)
+
+    def restorable_state(self, contents: CheckpointContents) -> tuple[TaskState, list[bytes]]:
+        """What recovering ``contents`` now would produce, and the keys the TTL policy
+        leaves out because their TTL has run out."""
+        writes, lapsed = self.runtime.plan_ttls(
+            contents.meta.task_id,
+            contents.entries,
+            contents.captured_at_ms,
+            self.config.ttl_policy,
+        )
+        entries = [replace(e, pttl_ms=None if ttl < 0 else ttl) for e, ttl in writes]
+        state = TaskState(contents.meta.task_id, entries, contents.captured_at_ms, contents.tables)
+        return state, [e.key for e in lapsed]
+
+    def diff(self, old_checkpoint_id: str, new_checkpoint_id: str | None = None) -> StateDiff:
+        """Keys and rows added, removed and changed from one checkpoint to another.
+
+        Without ``new_checkpoint_id`` the checkpoint is compared with the task as it is
+        now, taking the checkpoint as a recovery would restore it now (keys whose TTL
+        has run out under the TTL policy left out): right after a recovery from it,
+        the diff is empty.
+        """
+        old = self.load_checkpoint(old_checkpoint_id)
+        if new_checkpoint_id is None:
+            with self._task_lock(old.meta.task_id):
+                restorable, _ = self.restorable_state(old)
+                live = self.live_state(old.meta.task_id)
+            return diff_states(restorable.entries, restorable.tables, live.entries, live.tables)
+        new = self.load_checkpoint(new_checkpoint_id)
+        return diff_states(old.entries, old.tables, new.entries, new.tables)
+
+    def plan_recovery(
+        self,
+        task_id: str,
+        checkpoint_id: str | None = None,
+        *,
+        restore_runtime: bool = True,
+        restore_durable: bool = False,
+    ) -> RecoveryPlan:
+        """Exactly what :meth:`recover_from_checkpoint` would change now; changes nothing."""
+        task_id = validate_task_id(task_id)
+        if not (restore_runtime or restore_durable):
+            raise ValidationError("nothing to recover: both runtime and durable tiers are off")
+        with self._task_lock(task_id):
+            contents, notes = self._choose(task_id, checkpoint_id)
+            restorable, lapsed = self.restorable_state(contents)
+            live = self.live_state(task_id)
+        keys = diff_keys(live.entries, restorable.entries) if restore_runtime else []
+        rows = diff_rows(live.tables, restorable.tables) if restore_durable else []
+        return RecoveryPlan(
+            contents.meta, StateDiff(keys, rows), lapsed if restore_runtime else [], notes
+        )
+
+    def tasks(self) -> list[TaskSummary]:
+        """Every task with checkpoints or live runtime keys, by task id."""
+        overview = self.store.task_overview()
+        live = self.runtime.task_key_counts()
+        return [
+            TaskSummary(
+                task_id=task,
+                live_keys=live.get(task, 0),
+                checkpoints=overview.get(task, (0, None))[0],
+                newest=overview.get(task, (0, None))[1],
             )
-        tables = decode_tables(durable.digest, durable.raw)
-        skill_rows = decode_tables(skills.digest, skills.raw).get(SKILL_TABLE, TableRows([], []))
-        return LoadedCheckpoint(meta, entries, captured_at_ms, tables, skill_rows)
+            for task in sorted(overview.keys() | live.keys())
+        ]
+
+    # -- export and import -------------------------------------------------------------------
+
+    def export_checkpoint(self, checkpoint_id: str, path: str | Path) -> int:
+        """Write one verified checkpoint to a portable file; returns its size in bytes.
+
+        The file is written beside its destination and renamed into place, so a
+        failed export leaves no partial file.
+        """
+        contents = self.load_checkpoint(checkpoint_id)
+        manifest = self.store.manifest(checkpoint_id)
+        stored = self.store.load_stored(d for _, d in manifest)
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            with partial.open("wb") as out:
+                size = write_export(out, contents.meta, manifest, stored)
+            partial.replace(target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise ValidationError(f"cannot write export file {target}: {exc.strerror}") from exc
+        return size
+
+    def import_checkpoint(self, path: str | Path) -> CheckpointMetadata:
+        """Add a checkpoint from an export file, verified in full before anything is stored."""
+        contents, manifest, stored = read_export(Path(path))
+        validate_task_id(contents.meta.task_id)
+        return self.store.import_checkpoint(contents.meta, manifest, stored)
+
+    # -- periodic ----------------------------------------------------------------------------
+
+    def enable_periodic_checkpoints(
+        self,
+        *,
+        interval: timedelta | None = None,
+        tasks: list[str] | None = None,
+        on_outcome: Listener | None = None,
+    ) -> PeriodicCheckpointer:
+        """Start periodic checkpoints (trigger ``periodic``) in a background thread.
+
+        Every ``interval`` (default: ``config.periodic_interval``) each given task, or
+        every task with runtime keys, is checkpointed (an unchanged task stores
+        nothing), then retention cleanup runs if enabled. Call ``stop()`` on the
+        result to end it; :meth:`close` stops it too.
+        """
+        scheduler = PeriodicCheckpointer(
+            self, interval=interval, tasks=tasks, on_outcome=on_outcome
+        ).start()
+        self._schedulers.append(scheduler)
+        return scheduler
 
     # -- recover -----------------------------------------------------------------------------
 
@@ -366,7 +467,7 @@ class CheckpointManager:
 
     def _choose(
         self, task_id: str, checkpoint_id: str | None
-    ) -> tuple[LoadedCheckpoint, list[str]]:
+    ) -> tuple[CheckpointContents, list[str]]:
         if checkpoint_id is not None:
             meta = self.get_checkpoint(checkpoint_id)
             if meta.task_id != task_id:
@@ -396,7 +497,7 @@ class CheckpointManager:
         )
 
     def _restore(
-        self, loaded: LoadedCheckpoint, notes: list[str], runtime: bool, durable: bool
+        self, loaded: CheckpointContents, notes: list[str], runtime: bool, durable: bool
     ) -> RecoveryResult:
         meta = loaded.meta
         result = RecoveryResult(
@@ -411,9 +512,7 @@ class CheckpointManager:
             # Both tiers: the durable rows are replaced in a transaction that stays open
             # around the runtime restore, so a failure of either leaves both as they were.
             with self.store.atomic() as db:
-                result.rows_restored = self.store.replace_task_rows(
-                    db, meta.task_id, loaded.tables
-                )
+                result.rows_restored = self.store.replace_task_rows(db, meta.task_id, loaded.tables)
                 result.durable_state_restored = True
                 if runtime:
                     self._restore_runtime(loaded, result)
@@ -432,7 +531,7 @@ class CheckpointManager:
         result.success = True
         return result
 
-    def _restore_runtime(self, loaded: LoadedCheckpoint, result: RecoveryResult) -> None:
+    def _restore_runtime(self, loaded: CheckpointContents, result: RecoveryResult) -> None:
         cfg = self.config
         stats = self.runtime.restore(
             loaded.meta.task_id,
@@ -471,6 +570,14 @@ class CheckpointManager:
         payloads no remaining checkpoint references are deleted. Returns the number of
         checkpoints removed.
         """
+        return len(self.cleanup(older_than=older_than, keep_last=keep_last).checkpoint_ids)
+
+    def cleanup(
+        self, *, older_than: timedelta | None = None, keep_last: int = 1, dry_run: bool = False
+    ) -> CleanupResult:
+        """Like :meth:`cleanup_old_checkpoints`, returning what was removed: checkpoint
+        ids, payloads and bytes. With ``dry_run`` nothing is removed; the result says
+        what would be."""
         age = self.config.retention_period if older_than is None else older_than
         if not isinstance(age, timedelta):
             raise ValidationError(f"older_than must be a timedelta, not {age!r}")
@@ -478,9 +585,10 @@ class CheckpointManager:
             raise ValidationError(f"older_than must not be negative, not {age}")
         if keep_last < 1:
             raise ValidationError(f"keep_last must be at least 1, not {keep_last}")
-        removed, _ = self.store.cleanup(utcnow() - age, keep_last=keep_last)
-        self._last_cleanup = time.monotonic()
-        return removed
+        result = self.store.cleanup(utcnow() - age, keep_last=keep_last, dry_run=dry_run)
+        if not dry_run:
+            self._last_cleanup = time.monotonic()
+        return result
 
     def _maybe_cleanup(self) -> None:
         interval = self.config.periodic_interval.total_seconds()

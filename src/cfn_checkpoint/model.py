@@ -170,9 +170,7 @@ class TtlPolicy:
     def __post_init__(self) -> None:
         for name in (self.locks, self.others):
             if name not in ("absolute", "remaining"):
-                raise ValidationError(
-                    f"TTL policy must be 'absolute' or 'remaining', not {name!r}"
-                )
+                raise ValidationError(f"TTL policy must be 'absolute' or 'remaining', not {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +189,26 @@ class CheckpointConfig:
     lock_timeout: float = 60.0
     #: zstandard compression level for payloads.
     compression_level: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """A task's runtime keys and durable rows (live, or as a checkpoint would restore them)."""
+
+    task_id: str
+    entries: list[RuntimeEntry]
+    captured_at_ms: int
+    tables: dict[str, TableRows]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """One task as ``tasks()`` lists it."""
+
+    task_id: str
+    #: Runtime keys the task has in Redis now.
+    live_keys: int
+    #: Checkpoints of any status.
+    checkpoints: int
+    #: The newest completed or recovered checkpoint, if any.
+    newest: CheckpointMetadata | None

@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -31,6 +31,19 @@ _CATALOG_COLUMNS = (
     "raw_bytes, stored_bytes, point_in_time, format_version, redis_version, "
     "last_recovered_at, recovery_count"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupResult:
+    """What a retention cleanup removed (or, in a dry run, would remove)."""
+
+    checkpoint_ids: list[str]
+    payloads_removed: int
+    bytes_freed: int
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction to roll it back on purpose (dry runs)."""
 
 
 def utcnow() -> datetime:
@@ -469,40 +482,119 @@ class SqliteStore:
 
     # -- retention ---------------------------------------------------------------------------
 
-    def cleanup(self, cutoff: datetime, *, keep_last: int = 1) -> tuple[int, int]:
+    def cleanup(
+        self, cutoff: datetime, *, keep_last: int = 1, dry_run: bool = False
+    ) -> CleanupResult:
         """Remove checkpoints created before ``cutoff`` and payloads nothing references.
 
         Each task's ``keep_last`` newest usable checkpoints (at least one) are kept
-        whatever their age. Returns ``(checkpoints removed, payload bytes removed)``.
+        whatever their age. With ``dry_run`` the same work is done in a transaction
+        that is rolled back, so the result tells exactly what would go.
         """
         keep_last = max(1, keep_last)
-        with self.atomic() as db, _db_errors("cleaning up checkpoints"):
-            doomed = [
-                r[0]
-                for r in db.execute(
-                    "SELECT checkpoint_id FROM checkpoints c WHERE created_at < ? AND NOT ("
-                    " status IN (?, ?) AND (SELECT COUNT(*) FROM checkpoints n WHERE"
-                    " n.task_id = c.task_id AND n.status IN (?, ?) AND n.seq > c.seq) < ?)",
-                    (_iso(cutoff), *_USABLE, *_USABLE, keep_last),
-                ).fetchall()
-            ]
-            for start in range(0, len(doomed), 500):
-                part = doomed[start : start + 500]
-                marks = ", ".join("?" * len(part))
-                db.execute(
-                    f"DELETE FROM checkpoint_payloads WHERE checkpoint_id IN ({marks})", part
-                )
-                db.execute(f"DELETE FROM checkpoints WHERE checkpoint_id IN ({marks})", part)
-            freed = db.execute(
-                "SELECT COALESCE(SUM(stored_size), 0) FROM payloads WHERE digest NOT IN "
-                "(SELECT digest FROM checkpoint_payloads)"
-            ).fetchone()[0]
-            db.execute(
-                "DELETE FROM payloads WHERE digest NOT IN (SELECT digest FROM checkpoint_payloads)"
-            )
+        result = CleanupResult([], 0, 0)
+        try:
+            with self.atomic() as db, _db_errors("cleaning up checkpoints"):
+                result = self._cleanup(db, cutoff, keep_last)
+                if dry_run:
+                    raise _Rollback
+        except _Rollback:
+            return result
         with self._lock, _db_errors("returning free pages"):
             self._conn.execute("PRAGMA incremental_vacuum")
-        return len(doomed), int(freed)
+        return result
+
+    def _cleanup(self, db: sqlite3.Connection, cutoff: datetime, keep_last: int) -> CleanupResult:
+        doomed = [
+            str(r[0])
+            for r in db.execute(
+                "SELECT checkpoint_id FROM checkpoints c WHERE created_at < ? AND NOT ("
+                " status IN (?, ?) AND (SELECT COUNT(*) FROM checkpoints n WHERE"
+                " n.task_id = c.task_id AND n.status IN (?, ?) AND n.seq > c.seq) < ?)"
+                " ORDER BY seq",
+                (_iso(cutoff), *_USABLE, *_USABLE, keep_last),
+            ).fetchall()
+        ]
+        for start in range(0, len(doomed), 500):
+            part = doomed[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            db.execute(f"DELETE FROM checkpoint_payloads WHERE checkpoint_id IN ({marks})", part)
+            db.execute(f"DELETE FROM checkpoints WHERE checkpoint_id IN ({marks})", part)
+        count, freed = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM payloads WHERE digest NOT IN "
+            "(SELECT digest FROM checkpoint_payloads)"
+        ).fetchone()
+        db.execute(
+            "DELETE FROM payloads WHERE digest NOT IN (SELECT digest FROM checkpoint_payloads)"
+        )
+        return CleanupResult(doomed, int(count), int(freed))
+
+    # -- import, export, overview ------------------------------------------------------------
+
+    def load_stored(self, digests: Iterable[str]) -> dict[str, tuple[int, bytes]]:
+        """``digest -> (raw size, compressed bytes)`` for the given payloads."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[str, tuple[int, bytes]] = {}
+        with self._lock, _db_errors("reading payloads"):
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                rows = self._conn.execute(
+                    "SELECT digest, raw_size, data FROM payloads WHERE digest IN "
+                    f"({', '.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+                found.update((str(d), (int(n), bytes(b))) for d, n, b in rows)
+        return found
+
+    def import_checkpoint(
+        self,
+        meta: CheckpointMetadata,
+        manifest: Sequence[tuple[str, str]],
+        blobs: dict[str, tuple[int, bytes]],
+    ) -> CheckpointMetadata:
+        """Add a verified checkpoint from elsewhere in ONE transaction; refuses a known id."""
+        with self.atomic() as db, _db_errors(f"importing checkpoint {meta.checkpoint_id}"):
+            if db.execute(
+                "SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", (meta.checkpoint_id,)
+            ).fetchone():
+                raise ValidationError(f"checkpoint {meta.checkpoint_id} already exists here")
+            stored = 0
+            for digest, (raw_size, data) in blobs.items():
+                cursor = db.execute(
+                    "INSERT INTO payloads (digest, raw_size, stored_size, data) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (digest) DO NOTHING",
+                    (digest, raw_size, len(data), data),
+                )
+                stored += len(data) if cursor.rowcount else 0
+            db.executemany(
+                "INSERT INTO checkpoint_payloads (checkpoint_id, ordinal, kind, digest) "
+                "VALUES (?, ?, ?, ?)",
+                [(meta.checkpoint_id, i, kind, d) for i, (kind, d) in enumerate(manifest)],
+            )
+            done = replace(
+                meta,
+                status=CheckpointStatus.COMPLETED,
+                stored_bytes=stored,
+                last_recovered_at=None,
+                recovery_count=0,
+            )
+            self._insert_catalog(db, done)
+        return done
+
+    def task_overview(self) -> dict[str, tuple[int, CheckpointMetadata | None]]:
+        """Per task with checkpoints: (number of checkpoints, newest usable or ``None``)."""
+        with self._lock, _db_errors("reading the checkpoint catalog"):
+            counts = self._conn.execute(
+                "SELECT task_id, COUNT(*) FROM checkpoints GROUP BY task_id"
+            ).fetchall()
+            newest = self._conn.execute(
+                f"SELECT {_CATALOG_COLUMNS} FROM checkpoints c WHERE status IN (?, ?) AND seq = "
+                "(SELECT MAX(seq) FROM checkpoints n WHERE n.task_id = c.task_id"
+                " AND n.status IN (?, ?))",
+                (*_USABLE, *_USABLE),
+            ).fetchall()
+        by_task = {m.task_id: m for m in (self._metadata(r) for r in newest)}
+        return {str(t): (int(n), by_task.get(str(t))) for t, n in counts}
 
     def payload_stats(self) -> tuple[int, int]:
         """``(number of payloads, stored bytes)`` in the store."""

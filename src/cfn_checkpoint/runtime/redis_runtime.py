@@ -12,7 +12,7 @@ import redis
 from redis.commands.core import Script
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError, ValidationError
-from ..layout import KeyLayout, validate_task_id
+from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, RuntimeSnapshot, TtlPolicy
 from . import scripts
 
@@ -118,15 +118,21 @@ class RedisRuntime:
 
     def task_ids(self) -> set[str]:
         """Ids of every task that has at least one runtime key."""
-        found: set[str] = set()
+        return set(self.task_key_counts())
+
+    def task_key_counts(self) -> dict[str, int]:
+        """Number of runtime keys of every task that has any (one SCAN per namespace)."""
+        counts: dict[str, int] = {}
+        seen: set[bytes] = set()  # SCAN may return a key twice
         with redis_errors("listing tasks"):
             for namespace in self.layout.namespaces():
-                pattern = self.layout.prefix.encode() + namespace.encode() + b":*"
+                pattern = escape_glob(f"{self.layout.prefix}{namespace}:".encode()) + b"*"
                 for key in self.client.scan_iter(match=pattern, count=self.scan_count):
                     task = self.layout.task_of(key)
-                    if task is not None:
-                        found.add(task)
-        return found
+                    if task is not None and key not in seen:
+                        seen.add(key)
+                        counts[task] = counts.get(task, 0) + 1
+        return counts
 
     # -- capture -----------------------------------------------------------------------------
 
@@ -207,22 +213,13 @@ class RedisRuntime:
         Atomic (one Lua script) when the keys involved number at most
         ``atomic_max_keys``; in batches otherwise.
         """
-        policy = ttl_policy or TtlPolicy()
         for entry in entries:
             if self.layout.role_of(task_id, entry.key) is None:
                 raise RestoreError(
                     f"checkpoint key {entry.key!r} does not belong to task {task_id}"
                 )
-        now_ms = self.server_time_ms()
-        elapsed = max(0, now_ms - captured_at_ms)
-        writes: list[tuple[RuntimeEntry, int]] = []
-        expired = 0
-        for entry in entries:
-            pttl = self._ttl_for(task_id, entry, elapsed, policy)
-            if pttl is not None and pttl <= 0:
-                expired += 1
-                continue
-            writes.append((entry, pttl or -1))
+        writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
+        expired = len(lapsed)
         self._check_dumps(task_id, [entry for entry, _ in writes])
         keep = {entry.key for entry, _ in writes}
         stale = [key for key in self.task_keys(task_id) if key not in keep]
@@ -238,6 +235,27 @@ class RedisRuntime:
         except redis.ResponseError as exc:
             raise RestoreError(f"Redis rejected the restore of task {task_id}: {exc}") from exc
         return RestoreStats(len(writes), len(stale), expired, False)
+
+    def plan_ttls(
+        self,
+        task_id: str,
+        entries: Sequence[RuntimeEntry],
+        captured_at_ms: int,
+        ttl_policy: TtlPolicy | None = None,
+    ) -> tuple[list[tuple[RuntimeEntry, int]], list[RuntimeEntry]]:
+        """What a restore now would write: ``(entry, TTL ms or -1)`` pairs, and the entries
+        left out because their TTL has run out under the policy."""
+        policy = ttl_policy or TtlPolicy()
+        elapsed = max(0, self.server_time_ms() - captured_at_ms)
+        writes: list[tuple[RuntimeEntry, int]] = []
+        lapsed: list[RuntimeEntry] = []
+        for entry in entries:
+            pttl = self._ttl_for(task_id, entry, elapsed, policy)
+            if pttl is not None and pttl <= 0:
+                lapsed.append(entry)
+            else:
+                writes.append((entry, pttl or -1))
+        return writes, lapsed
 
     def _check_dumps(self, task_id: str, entries: Sequence[RuntimeEntry]) -> None:
         """Refuse, before anything is written, DUMP payloads this server cannot read.
