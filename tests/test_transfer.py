@@ -1,0 +1,125 @@
+"""Export and import: one file restores on another store and another Redis version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from cfn_checkpoint import (
+    CheckpointManager,
+    CorruptCheckpointError,
+    KeyLayout,
+    ValidationError,
+)
+from cfn_checkpoint.transfer import MAGIC
+
+from conftest import task_state
+
+
+def _seed(manager: CheckpointManager, client: redis.Redis, layout: KeyLayout) -> None:
+    w = manager.writer("t")
+    w.put_agent("coder", {"step": 1, "blob": "x" * 5000})
+    w.set_signal("phase", "build", ttl_ms=600_000)
+    w.push_queue("jobs", b"\xff\x00", "")
+    client.zadd(layout.key("signal", "t", "z"), {b"m": 1.25})
+    manager.durable.record_task_result("t", "coder", {"ok": True})
+    manager.durable.put_skill("s", name="search")
+
+
+def test_export_import_into_a_fresh_store_on_another_redis_version(
+    redis7_url: str, redis62_url: str, tmp_path: Path, prefix: str
+) -> None:
+    layout = KeyLayout(prefix=prefix)
+    source_db, target_db = (f"sqlite:///{tmp_path / n}" for n in ("a.db", "b.db"))
+    export = tmp_path / "cp.cfn"
+    with CheckpointManager.open(redis7_url, source_db, layout=layout) as source:
+        client = source.runtime.client
+        _seed(source, client, layout)
+        expected = task_state(client, prefix)
+        rows = source.store.read_durable("t").tables
+        meta = source.create_checkpoint("t", "manual", {"why": "move"})
+        size = source.export_checkpoint(meta.checkpoint_id, export)
+        assert size == export.stat().st_size
+        source.runtime.delete_task("t")
+    with CheckpointManager.open(redis62_url, target_db, layout=layout) as target:
+        imported = target.import_checkpoint(export)
+        assert imported.checkpoint_id == meta.checkpoint_id
+        assert imported.state_hash == meta.state_hash and imported.metadata == {"why": "move"}
+        result = target.recover_from_checkpoint("t", restore_durable=True)
+        assert result.checkpoint_id == meta.checkpoint_id
+        assert task_state(target.runtime.client, prefix) == expected
+        assert target.store.read_durable("t").tables == rows
+        target.runtime.delete_task("t")
+        with pytest.raises(ValidationError, match="already exists"):
+            target.import_checkpoint(export)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "append", "empty"])
+def test_damaged_export_files_are_refused_and_nothing_is_stored(
+    manager: CheckpointManager,
+    client: redis.Redis,
+    layout: KeyLayout,
+    tmp_path: Path,
+    redis_url: str,
+    damage: str,
+) -> None:
+    _seed(manager, client, layout)
+    meta = manager.create_checkpoint("t")
+    path = tmp_path / "cp.cfn"
+    manager.export_checkpoint(meta.checkpoint_id, path)
+    blob = path.read_bytes()
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "flip":
+        middle = len(blob) // 2
+        blob = blob[:middle] + bytes([blob[middle] ^ 1]) + blob[middle + 1 :]
+    elif damage == "append":
+        blob += b"x"
+    else:
+        blob = MAGIC
+    path.write_bytes(blob)
+    with CheckpointManager.open(
+        redis_url, f"sqlite:///{tmp_path / 'fresh.db'}", layout=layout
+    ) as fresh:
+        with pytest.raises(CorruptCheckpointError, match="truncated or altered"):
+            fresh.import_checkpoint(path)
+        assert fresh.list_checkpoints() == []
+        assert fresh.store.payload_stats() == (0, 0)
+
+
+def test_not_an_export_file(manager: CheckpointManager, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.cfn"
+    junk.write_bytes(b"hello world" * 10)
+    with pytest.raises(ValidationError, match="not a cfn-checkpoint export file"):
+        manager.import_checkpoint(junk)
+    with pytest.raises(ValidationError, match="cannot read export file"):
+        manager.import_checkpoint(tmp_path / "missing.cfn")
+
+
+def test_export_to_an_unwritable_place_leaves_nothing(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, tmp_path: Path
+) -> None:
+    _seed(manager, client, layout)
+    meta = manager.create_checkpoint("t")
+    with pytest.raises(ValidationError, match="cannot write export file"):
+        manager.export_checkpoint(meta.checkpoint_id, tmp_path / "no-such-dir" / "cp.cfn")
+    assert not any("partial" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_tampering_that_rewrites_the_trailer_is_still_caught(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, tmp_path: Path
+) -> None:
+    """The trailer only guards against accidents; every payload is checked on its own."""
+    import hashlib
+
+    _seed(manager, client, layout)
+    meta = manager.create_checkpoint("t")
+    path = tmp_path / "cp.cfn"
+    manager.export_checkpoint(meta.checkpoint_id, path)
+    body = bytearray(path.read_bytes()[:-32])
+    body[-10] ^= 0x01  # inside the last payload's compressed bytes
+    path.write_bytes(bytes(body) + hashlib.sha256(bytes(body)).digest())
+    with pytest.raises(CorruptCheckpointError, match=meta.checkpoint_id):
+        manager.import_checkpoint(path)
