@@ -14,6 +14,7 @@ def test_capture_is_point_in_time_under_concurrent_writers(
 ) -> None:
     """A writer moves value between keys and adds keys in MULTI/EXEC transactions:
     every checkpoint must see a state that existed at one instant."""
+    manager.runtime.scan_in_script_max_keys = 1_000_000  # whatever else the server holds
     a, b, counter = (layout.key("agent", "t", n) for n in ("a", "b", "counter"))
     writer = redis.Redis.from_url(redis_url)
     writer.mset({a: b"100", b: b"0", counter: b"0"})
@@ -53,6 +54,7 @@ def test_capture_is_point_in_time_under_concurrent_writers(
 def test_nobody_reads_a_half_restored_task(
     manager: CheckpointManager, redis_url: str, layout: KeyLayout
 ) -> None:
+    manager.runtime.scan_in_script_max_keys = 1_000_000
     keys = [layout.key("agent", "t", f"k{i:03d}") for i in range(200)]
     client = manager.runtime.client
     client.mset({k: b"old" for k in keys})
@@ -97,3 +99,4 @@ def test_large_database_path_scans_from_the_client_and_stays_exact(
     manager.runtime.delete_task("t")
     manager.recover_from_checkpoint("t")
     assert task_state(client, prefix) == before
+

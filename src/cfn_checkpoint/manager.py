@@ -125,7 +125,11 @@ class CheckpointManager:
             if redis_url is None:
                 embedded = EmbeddedRedis(binary=redis_binary).start()
                 redis_url = embedded.url
-            runtime = RedisRuntime(connect(redis_url), layout=layout)
+            runtime = RedisRuntime(
+                connect(redis_url),
+                layout=layout,
+                scan_in_script_max_keys=(config or CheckpointConfig()).scan_in_script_max_keys,
+            )
             # Redis first: an unreachable server leaves no new database file behind.
             store = open_store(durable_url)
         except BaseException:

@@ -185,6 +185,11 @@ class CheckpointConfig:
     atomic_max_keys: int = 50_000
     #: Keys per server-side step when a task is larger than ``atomic_max_keys``.
     batch_keys: int = 1_000
+    #: On a database of at most this many keys, capture and restore find the task's keys
+    #: inside their Lua script: exactly point in time even while keys are being created,
+    #: at the price of blocking Redis for the scan (about 7 ms at 10,000 keys here). On a
+    #: larger database they SCAN from the client and check again after reading.
+    scan_in_script_max_keys: int = 10_000
     #: Seconds to wait for another create or recover of the same task.
     lock_timeout: float = 60.0
     #: zstandard compression level for payloads.

@@ -1,8 +1,9 @@
 """Lua scripts run inside Redis. Each one runs atomically: no other client sees a half-step.
 
-Scripts other than CAPTURE_SCAN only touch the keys given in KEYS, so they work unchanged
-on Redis Cluster when those keys share a slot (the cluster layout's hash tag). All use
-only commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
+Scripts touch only the keys given in KEYS (CAPTURE_SCAN, and RESTORE given a pattern,
+also scan a small database for the task's keys), so they work unchanged on Redis
+Cluster when those keys share a slot (the cluster layout's hash tag). All use only
+commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
 """
 
 from __future__ import annotations
@@ -37,6 +38,34 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+#: Lua: ``task_keys(pattern, count, first)`` -> the keys SCAN finds for ``pattern`` that start
+#: with one of ARGV[first], ARGV[first + 1], ... (the task's exact prefixes), each once
+#: (SCAN may repeat a key). It walks the whole keyspace inside the script, so it blocks
+#: Redis for as long: callers use it only on small databases.
+_TASK_KEYS = r"""
+local function task_keys(pattern, count, first)
+  local keys = {}
+  local seen = {}
+  local cursor = '0'
+  repeat
+    local page = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', count)
+    cursor = page[1]
+    for _, key in ipairs(page[2]) do
+      if not seen[key] then
+        for p = first, #ARGV do
+          if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
+            seen[key] = true
+            keys[#keys + 1] = key
+            break
+          end
+        end
+      end
+    end
+  until cursor == '0'
+  return keys
+end
+"""
+
 #: Read keys atomically.
 #: KEYS: the keys to read.  ARGV: none.
 #: Returns ``{now_ms, read(KEYS[1]), read(KEYS[2]), ...}``.
@@ -56,31 +85,13 @@ return out
 #: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, prefix1, prefix2, ...``; a key is the
 #: task's if it starts with one of the prefixes (the pattern may match more).
 #: Returns ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
-#: ``{now_ms, key1, read(key1), key2, read(key2), ...}``. SCAN may repeat a key; ``seen``
-#: drops repeats.
+#: ``{now_ms, key1, read(key1), key2, read(key2), ...}``.
 CAPTURE_SCAN = (
     _READ_KEY
+    + _TASK_KEYS
     + r"""
-local max_keys = tonumber(ARGV[2])
-local keys = {}
-local seen = {}
-local cursor = '0'
-repeat
-  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', ARGV[3])
-  cursor = page[1]
-  for _, key in ipairs(page[2]) do
-    if not seen[key] then
-      for p = 4, #ARGV do
-        if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
-          seen[key] = true
-          keys[#keys + 1] = key
-          break
-        end
-      end
-    end
-  end
-until cursor == '0'
-if #keys > max_keys then
+local keys = task_keys(ARGV[1], ARGV[3], 4)
+if #keys > tonumber(ARGV[2]) then
   return {now, -1, #keys}
 end
 local out = {now}
@@ -92,21 +103,42 @@ return out
 """
 )
 
-#: Replace keys atomically.
-#: KEYS: first the keys to delete (ARGV[1] of them), then the keys to write.
-#: ARGV: ``ndelete``, then per key to write: ``type, pttl, n, item1 .. itemN`` where type is
-#: string|list|hash|set|zset|dump, pttl is the TTL to set in ms (<= 0: none) and the items
-#: are: the value (string, dump); the elements (list, set); field, value, ... (hash);
-#: score, member, ... (zset). Items are sent 1000 at a time (an even number, so pairs stay
-#: whole) to stay below Lua's unpack limit.
-#: Returns the number of keys written.
-RESTORE = r"""
+#: Replace a task's keys atomically.
+#: KEYS: first the keys to delete (``ndelete`` of them), then the keys to write.
+#: ARGV: ``ndelete, nargs, type, pttl, n, item1 .. itemN, ... (nargs values in all),
+#: [pattern, scan_count, prefix1, prefix2, ...]``. Per key to write: type is
+#: string|list|hash|set|zset|dump, pttl the TTL to set in ms (<= 0: none), and the items
+#: are the value (string, dump), the elements (list, set), field, value, ... (hash) or
+#: score, member, ... (zset). When a pattern follows, every key of the task found by an
+#: in-script SCAN is deleted first too, so a key created since the caller looked is gone.
+#: Items are sent 1000 at a time (an even number, so pairs stay whole) to stay below
+#: Lua's unpack limit.
+#: Returns ``{keys written, keys deleted that were not rewritten}``.
+RESTORE = (
+    _TASK_KEYS
+    + r"""
 local ndel = tonumber(ARGV[1])
+local nargs = tonumber(ARGV[2])
+local writing = {}
+for i = ndel + 1, #KEYS do
+  writing[KEYS[i]] = true
+end
+local removed = 0
+local function drop(key)
+  if not writing[key] then
+    removed = removed + redis.call('DEL', key)
+  end
+end
 for i = 1, ndel do
-  redis.call('DEL', KEYS[i])
+  drop(KEYS[i])
+end
+if #ARGV > nargs + 2 then
+  for _, key in ipairs(task_keys(ARGV[nargs + 3], ARGV[nargs + 4], nargs + 5)) do
+    drop(key)
+  end
 end
 local commands = {list = 'RPUSH', set = 'SADD', hash = 'HSET', zset = 'ZADD'}
-local a = 2
+local a = 3
 for i = ndel + 1, #KEYS do
   local key = KEYS[i]
   local ty = ARGV[a]
@@ -133,8 +165,9 @@ for i = ndel + 1, #KEYS do
     redis.call('PEXPIRE', key, pttl)
   end
 end
-return #KEYS - ndel
+return {#KEYS - ndel, removed}
 """
+)
 
 #: Delete keys atomically.  KEYS: the keys.  Returns the number deleted.
 DELETE = r"""
