@@ -84,3 +84,75 @@ def test_missing_payload_and_tampered_catalog_are_detected(
         db.execute("DELETE FROM payloads")
     with pytest.raises(CorruptCheckpointError, match="missing payload"):
         manager.load_checkpoint(meta.checkpoint_id)
+
+
+def _digests_of_kind(manager: CheckpointManager, checkpoint_id: str, kind: str) -> list[str]:
+    return [d for k, d in manager.store.manifest(checkpoint_id) if k == kind]
+
+
+def test_corrupt_shared_skills_payload_does_not_block_recovery_and_is_repaired(
+    redis_url: str, db_url: str, layout: KeyLayout, prefix: str
+) -> None:
+    """The skills payload is shared by every checkpoint of every task."""
+    with CheckpointManager.open(redis_url, db_url, layout=layout) as manager:
+        client = manager.runtime.client
+        manager.durable.put_skill("s1", name="search", metadata={"doc": "x" * 500})
+        client.set(layout.key("agent", "t1", "a"), b"1")
+        client.set(layout.key("agent", "t2", "a"), b"2")
+        c1 = manager.create_checkpoint("t1")
+        manager.create_checkpoint("t2")
+        (skills,) = _digests_of_kind(manager, c1.checkpoint_id, "skills")
+        state = task_state(client, prefix)
+    with CheckpointManager.open(redis_url, db_url, layout=layout) as fresh:
+        _flip(fresh, skills)
+        client = fresh.runtime.client
+        # Recovery never writes skills back, so it does not need them.
+        for task in ("t1", "t2"):
+            fresh.runtime.delete_task(task)
+            assert fresh.recover_from_checkpoint(task).errors == []
+        assert task_state(client, prefix) == state
+        # An unchanged task does not return its damaged newest checkpoint: a new one
+        # stores an intact copy of the shared payload, which repairs the old ones too.
+        again = fresh.create_checkpoint("t1")
+        assert again.checkpoint_id != c1.checkpoint_id and again.state_hash == c1.state_hash
+        fresh.verify_checkpoint(c1.checkpoint_id)
+        assert all(error is None for _, error in fresh.verify_all())
+
+
+def test_changed_task_repairs_a_damaged_payload_it_shares(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    client.set(layout.key("agent", "t", "big"), b"same" * 2000)
+    client.set(layout.key("agent", "t", "small"), b"1")
+    first = manager.create_checkpoint("t")
+    (durable,) = _digests_of_kind(manager, first.checkpoint_id, "durable")
+    _flip(manager, durable)
+    manager._verified.clear()  # as a new process would start: nothing verified yet
+    client.set(layout.key("agent", "t", "small"), b"2")
+    manager.create_checkpoint("t")
+    manager.verify_checkpoint(first.checkpoint_id)  # repaired by the second create
+
+
+def test_cleanup_keeps_the_intact_fallback_when_the_newest_is_damaged(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, prefix: str
+) -> None:
+    from datetime import timedelta
+
+    client.set(layout.key("agent", "t", "a"), b"old" * 1000)
+    old = manager.create_checkpoint("t")
+    state = task_state(client, prefix)
+    manager.runtime.delete_task("t")
+    manager.recover_from_checkpoint("t")  # leaves a recoveries row for `old`
+    client.set(layout.key("agent", "t", "a"), b"new" * 1000)
+    new = manager.create_checkpoint("t")
+    for digest in _unique_digests(manager, new.checkpoint_id):
+        _flip(manager, digest)
+    manager._verified.clear()
+    assert manager.cleanup_old_checkpoints(older_than=timedelta(0)) == 0
+    assert {m.checkpoint_id for m in manager.list_checkpoints("t")} == {
+        old.checkpoint_id,
+        new.checkpoint_id,
+    }
+    manager.runtime.delete_task("t")
+    assert manager.recover_from_checkpoint("t").checkpoint_id == old.checkpoint_id
+    assert task_state(client, prefix) == state

@@ -54,6 +54,7 @@ def test_checkpoint_restores_on_the_other_version(
     db = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"  # a fresh store per example
     with CheckpointManager.open(source_url, db, layout=layout) as source:
         _wipe(source.runtime.client, prefix)
+        state = {**state, ("agent", b"anchor"): ("string", b"", None)}  # never an empty task
         write_state(source.runtime.client, layout, "task-x", state)
         expected = task_state(source.runtime.client, prefix)
         meta = source.create_checkpoint("task-x")

@@ -99,3 +99,25 @@ def test_change_back_is_not_confused_with_an_older_checkpoint(
     assert c.checkpoint_id not in (a.checkpoint_id, b.checkpoint_id)
     assert c.state_hash == a.state_hash
     assert c.stored_bytes < a.stored_bytes  # payloads shared with A are not stored again
+
+
+def test_renewed_ttl_makes_a_new_checkpoint_that_shares_the_content(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    """A renewed lock keeps its content but moves its expiry instant: that is a change,
+    or recovery would bring back the old, passed deadline."""
+    lock = layout.key("lock", "t", "l")
+    client.set(layout.key("agent", "t", "a"), b"1")
+    client.set(lock, b"owner", px=400)
+    first = manager.create_checkpoint("t")
+    time.sleep(0.3)
+    client.pexpire(lock, 60_000)  # the owner renews its lock
+    second = manager.create_checkpoint("t")
+    assert second.checkpoint_id != first.checkpoint_id
+    assert second.state_hash == first.state_hash
+    assert second.stored_bytes < 200  # only the new TTL list was stored
+    time.sleep(0.2)  # past the first deadline
+    manager.runtime.delete_task("t")
+    result = manager.recover_from_checkpoint("t")
+    assert result.checkpoint_id == second.checkpoint_id and result.keys_expired == 0
+    assert client.get(lock) == b"owner" and client.pttl(lock) > 50_000

@@ -628,3 +628,22 @@ def test_lock_refuses_a_bad_task_id(client: redis.Redis, prefix: str) -> None:
     with pytest.raises(ValidationError):
         TaskLock(client, "a}:b", prefix=prefix)
     assert list(client.scan_iter(match=f"{prefix}*")) == []
+
+
+def test_a_lock_lost_while_held_stops_the_write(
+    manager: CheckpointManager, client: redis.Redis, prefix: str
+) -> None:
+    """A holder whose lock expired (or was taken over) must not write on top of the new holder."""
+    lock = TaskLock(client, TASK, prefix=prefix, ttl_ms=300, timeout=1)
+    lock.acquire()
+    try:
+        client.set(lock.key, b"someone-else", px=5_000)  # another holder took over
+        deadline = time.monotonic() + 5
+        while not lock.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(LockTimeoutError, match="lost the lock"):
+            lock.check()
+    finally:
+        lock.release()
+    assert client.get(lock.key) == b"someone-else"  # release only frees our own token
+    client.delete(lock.key)

@@ -123,3 +123,59 @@ def test_skill_metadata_is_shared_not_copied(
     second = manager.create_checkpoint("t")
     # The second checkpoint stores the changed key, not the 300 skills again.
     assert second.stored_bytes < first.stored_bytes / 5
+
+
+def test_empty_task_is_refused_not_checkpointed(manager: CheckpointManager) -> None:
+    from cfn_checkpoint import CheckpointNotFoundError
+
+    with pytest.raises(CheckpointNotFoundError, match="nothing to checkpoint"):
+        manager.create_checkpoint("no-such-task")
+    assert manager.list_checkpoints() == []
+
+
+CRASHING_RECOVERY = """
+import os, signal, sys
+from cfn_checkpoint import CheckpointManager, KeyLayout
+redis_url, db_url, prefix = sys.argv[1:4]
+mgr = CheckpointManager.open(redis_url, db_url, layout=KeyLayout(prefix=prefix))
+def die_before_commit(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # after Redis was written, before the commit
+mgr.store.finish_recovery = die_before_commit
+mgr.recover_from_checkpoint("t", restore_durable=True)
+"""
+
+
+def test_recovery_killed_before_its_commit_is_reported_next_time(
+    manager: CheckpointManager,
+    client: redis.Redis,
+    layout: KeyLayout,
+    redis_url: str,
+    db_url: str,
+    prefix: str,
+) -> None:
+    import subprocess
+    import sys
+
+    client.set(layout.key("agent", "t", "a"), b"checkpointed")
+    manager.durable.record_audit_event("t", "step1")
+    checkpoint = manager.create_checkpoint("t")
+    client.set(layout.key("agent", "t", "a"), b"later")
+    manager.durable.record_audit_event("t", "step2")
+    child = subprocess.run(
+        [sys.executable, "-c", CRASHING_RECOVERY, redis_url, db_url, prefix],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -9, child.stderr
+    client.delete(f"{prefix}cfn-checkpoint:lock:{{t}}")  # the dead child's lock (else: TTL)
+    # Torn: Redis was written, the durable transaction never committed.
+    assert client.get(layout.key("agent", "t", "a")) == b"checkpointed"
+    assert len(manager.store.read_durable("t").tables["audit_trail"].rows) == 2
+    assert [c for _, c, _ in manager.store.interrupted_recoveries("t")] == [
+        checkpoint.checkpoint_id
+    ]
+    result = manager.recover_from_checkpoint("t", restore_durable=True)
+    assert any("never finished" in note for note in result.errors)
+    assert len(manager.store.read_durable("t").tables["audit_trail"].rows) == 1
+    assert manager.store.interrupted_recoveries("t") == []

@@ -154,6 +154,22 @@ def decode_runtime(
     return out, int(captured_at_ms)
 
 
+def expiries_moved(old_ttl: bytes, new_ttl: bytes, *, tolerance_ms: int) -> bool:
+    """Whether any key's expiry instant differs between two ``ttl`` payloads of the same
+    key list by more than ``tolerance_ms`` (a TTL that merely ticked down keeps its
+    instant: capture clock + TTL left)."""
+    old_at, old = _unpack(old_ttl, "ttl")
+    new_at, new = _unpack(new_ttl, "ttl")
+    if len(old) != len(new):
+        return True
+    for a, b in zip(old, new, strict=True):
+        if (a is None) != (b is None):
+            return True
+        if a is not None and abs((old_at + a) - (new_at + b)) > tolerance_ms:
+            return True
+    return False
+
+
 # -- durable ---------------------------------------------------------------------------------
 
 

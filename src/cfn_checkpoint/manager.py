@@ -13,15 +13,24 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .codec import compress, encode_runtime, encode_tables, state_hashes
+from .codec import (
+    Payload,
+    compress,
+    decompress_verified,
+    encode_runtime,
+    encode_tables,
+    expiries_moved,
+    state_hashes,
+)
 from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents, verify_contents
 from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states
@@ -83,6 +92,13 @@ def _metadata(value: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValidationError(f"metadata must be JSON-serializable: {exc}") from exc
 
 
+#: An expiry instant that moved by more than this counts as a change (renewed TTL); less
+#: is clock rounding between two captures.
+_EXPIRY_TOLERANCE_MS = 50
+#: How many verified payload digests a manager remembers.
+_VERIFIED_CACHE = 200_000
+
+
 class CheckpointManager:
     """Creates, lists, recovers and cleans up checkpoints of tasks."""
 
@@ -100,6 +116,8 @@ class CheckpointManager:
         self._embedded = embedded
         self._last_cleanup = time.monotonic()
         self._schedulers: list[PeriodicCheckpointer] = []
+        #: Payload digests this manager wrote or verified, most recent last (bounded).
+        self._verified: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
     def open(
@@ -172,14 +190,14 @@ class CheckpointManager:
         return self.store
 
     @contextmanager
-    def _task_lock(self, task_id: str) -> Iterator[None]:
+    def _task_lock(self, task_id: str) -> Iterator[TaskLock]:
         with TaskLock(
             self.runtime.client,
             task_id,
             prefix=self.runtime.layout.prefix,
             timeout=self.config.lock_timeout,
-        ):
-            yield
+        ) as lock:
+            yield lock
 
     # -- create ------------------------------------------------------------------------------
 
@@ -197,13 +215,13 @@ class CheckpointManager:
         task_id = validate_task_id(task_id)
         trigger = _trigger(trigger)
         extra = _metadata(metadata)
-        with self._task_lock(task_id):
-            meta = self._create(task_id, trigger, extra)
+        with self._task_lock(task_id) as lock:
+            meta = self._create(task_id, trigger, extra, lock)
         self._maybe_cleanup()
         return meta
 
     def _create(
-        self, task_id: str, trigger: CheckpointTrigger, extra: dict[str, Any]
+        self, task_id: str, trigger: CheckpointTrigger, extra: dict[str, Any], lock: TaskLock
     ) -> CheckpointMetadata:
         started = utcnow()
         checkpoint_id = f"cp_{task_id}_{started:%Y%m%dT%H%M%S%f}_{secrets.token_hex(3)}"
@@ -212,12 +230,17 @@ class CheckpointManager:
             task_id, atomic_max_keys=cfg.atomic_max_keys, batch_keys=cfg.batch_keys
         )
         durable = self.store.read_durable(task_id)
+        if not snapshot.entries and not durable.row_count:
+            raise CheckpointNotFoundError(
+                f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
+            )
         payloads = encode_runtime(snapshot.entries, snapshot.captured_at_ms)
         payloads.append(encode_tables("durable", durable.tables))
         payloads.append(encode_tables("skills", {SKILL_TABLE: durable.skills}))
         state_hash, runtime_hash, durable_hash = state_hashes(payloads)
         newest = self._newest_usable(task_id)
-        if newest is not None and newest.state_hash == state_hash:
+        same = newest is not None and newest.state_hash == state_hash
+        if same and newest is not None and self._still_current(newest, payloads):
             return newest
         meta = CheckpointMetadata(
             checkpoint_id=checkpoint_id,
@@ -238,11 +261,50 @@ class CheckpointManager:
         )
         manifest = [(p.kind, p.digest) for p in payloads]
         blobs = {p.digest: (len(p.raw), compress(p.raw, cfg.compression_level)) for p in payloads}
+        lock.check()
         try:
-            return self.store.commit_checkpoint(meta, manifest, blobs)
+            done = self.store.commit_checkpoint(
+                meta, manifest, blobs, unless_same=not same, trusted=self._verified
+            )
         except CheckpointError as exc:
             self._record_failure(meta, exc)
             raise
+        self._trust(d for _, d in manifest)
+        return done
+
+    def _still_current(self, newest: CheckpointMetadata, payloads: list[Payload]) -> bool:
+        """Whether an unchanged task may return ``newest`` instead of a new checkpoint.
+
+        Not if a key's expiry instant moved (a renewed lock or signal: recovery would
+        otherwise bring back the old, shorter deadline), nor if ``newest`` is damaged
+        (a new checkpoint then stores intact copies of its payloads).
+        """
+        manifest = self.store.manifest(newest.checkpoint_id)
+        try:
+            self._verify_payloads(manifest)
+            old_ttl = next(d for kind, d in manifest if kind == "ttl")
+            raw = decompress_verified(old_ttl, self.store.load_payloads([old_ttl])[old_ttl])
+        except (CorruptCheckpointError, StopIteration, KeyError):
+            return False
+        new_ttl = next(p for p in payloads if p.kind == "ttl")
+        return not expiries_moved(raw, new_ttl.raw, tolerance_ms=_EXPIRY_TOLERANCE_MS)
+
+    def _verify_payloads(self, manifest: list[tuple[str, str]]) -> None:
+        """Check payloads this manager has not checked or written yet; raise if corrupt."""
+        unknown = [d for _, d in manifest if d not in self._verified]
+        stored = self.store.load_payloads(unknown)
+        for digest in unknown:
+            if digest not in stored:
+                raise CorruptCheckpointError(f"payload {digest[:12]} is missing")
+            decompress_verified(digest, stored[digest])
+        self._trust(unknown)
+
+    def _trust(self, digests: Iterable[str]) -> None:
+        for digest in digests:
+            self._verified[digest] = None
+            self._verified.move_to_end(digest)
+        while len(self._verified) > _VERIFIED_CACHE:
+            self._verified.popitem(last=False)
 
     def _record_failure(self, meta: CheckpointMetadata, exc: Exception) -> None:
         failed = replace(meta, status=CheckpointStatus.FAILED, completed_at=None, error=str(exc))
@@ -292,10 +354,17 @@ class CheckpointManager:
         """A checkpoint's contents, verified against every hash it carries."""
         return self._load(self.get_checkpoint(checkpoint_id))
 
-    def _load(self, meta: CheckpointMetadata) -> CheckpointContents:
-        manifest = self.store.manifest(meta.checkpoint_id)
-        stored = self.store.load_payloads(d for _, d in manifest)
-        return verify_contents(meta, manifest, stored)
+    def _load(self, meta: CheckpointMetadata, *, skills: bool = True) -> CheckpointContents:
+        # One read transaction: a cleanup in between cannot make it look corrupt.
+        with self.store.reading():
+            manifest = self.store.manifest(meta.checkpoint_id)
+            if not manifest and self.store.get_checkpoint(meta.checkpoint_id) is None:
+                raise CheckpointNotFoundError(f"no checkpoint with id {meta.checkpoint_id!r}")
+            wanted = [d for kind, d in manifest if skills or kind != "skills"]
+            stored = self.store.load_payloads(wanted)
+        contents = verify_contents(meta, manifest, stored, skills=skills)
+        self._trust(wanted)
+        return contents
 
     def verify_checkpoint(self, checkpoint_id: str) -> CheckpointMetadata:
         """Check every payload of a checkpoint against its hashes; raise if corrupt."""
@@ -482,14 +551,14 @@ class CheckpointManager:
                 raise ValidationError(
                     f"checkpoint {checkpoint_id} is {meta.status.value}; it cannot be recovered"
                 )
-            return self._load(meta), []
+            return self._load(meta, skills=False), []
         candidates = self.store.usable_checkpoints(task_id)
         if not candidates:
             raise CheckpointNotFoundError(f"task {task_id} has no completed checkpoint")
         notes: list[str] = []
         for meta in candidates:
             try:
-                loaded = self._load(meta)
+                loaded = self._load(meta, skills=False)
             except CorruptCheckpointError as exc:
                 notes.append(f"skipped corrupt checkpoint {meta.checkpoint_id}: {exc}")
                 continue
@@ -512,28 +581,59 @@ class CheckpointManager:
             durable_state_restored=False,
             errors=notes,
         )
-        if durable:
-            # Both tiers: the durable rows are replaced in a transaction that stays open
-            # around the runtime restore, so a failure of either leaves both as they were.
-            with self.store.atomic() as db:
-                result.rows_restored = self.store.replace_task_rows(db, meta.task_id, loaded.tables)
-                result.durable_state_restored = True
-                if runtime:
-                    self._restore_runtime(loaded, result)
-                self._record(db, result, notes)
-        else:
-            # Runtime only: no durable transaction is held while Redis is written, so
-            # other tasks' creates and recoveries on the same store are not held up.
-            self._restore_runtime(loaded, result)
+        interrupted = self.store.interrupted_recoveries(meta.task_id)
+        for _, checkpoint_id, started_at in interrupted:
+            notes.append(
+                f"an earlier recovery from {checkpoint_id} (started {started_at}) never "
+                "finished: the task may have been left partly restored until now"
+            )
+        # Committed before anything is written: a crash from here on leaves a trace.
+        recovery = self.store.start_recovery(
+            meta.checkpoint_id, meta.task_id, runtime=runtime, durable=durable
+        )
+        try:
+            if durable:
+                # The durable rows are replaced in a transaction that stays open around
+                # the runtime restore: an error in either leaves both as they were.
+                with self.store.atomic() as db:
+                    result.rows_restored = self.store.replace_task_rows(
+                        db, meta.task_id, loaded.tables
+                    )
+                    result.durable_state_restored = True
+                    if runtime:
+                        self._restore_runtime(loaded, result)
+                    self._finish(db, recovery, result, [i for i, _, _ in interrupted])
+            else:
+                # Runtime only: no durable transaction is held while Redis is written, so
+                # other tasks' creates and recoveries on the same store are not held up.
+                self._restore_runtime(loaded, result)
+        except BaseException as exc:
+            with suppress(CheckpointError):
+                self.store.fail_recovery(recovery, str(exc) or type(exc).__name__)
+            raise
+        if not durable:
             try:
                 with self.store.atomic() as db:
-                    self._record(db, result, notes)
+                    self._finish(db, recovery, result, [i for i, _, _ in interrupted])
             except CheckpointError as exc:
                 # The task is back; only the bookkeeping failed. Say so rather than
                 # report a failure for a recovery that took place.
                 notes.append(f"recovery succeeded but could not be recorded: {exc}")
         result.success = True
         return result
+
+    def _finish(
+        self, db: Any, recovery: int, result: RecoveryResult, interrupted: list[int]
+    ) -> None:
+        self.store.close_interrupted(db, interrupted)
+        self.store.finish_recovery(
+            db,
+            recovery,
+            result.checkpoint_id,
+            keys=result.keys_restored,
+            rows=result.rows_restored,
+            notes="; ".join(result.errors) or None,
+        )
 
     def _restore_runtime(self, loaded: CheckpointContents, result: RecoveryResult) -> None:
         cfg = self.config
@@ -550,18 +650,6 @@ class CheckpointManager:
         result.keys_removed = stats.keys_removed
         result.keys_expired = stats.keys_expired
         result.atomic = stats.atomic
-
-    def _record(self, db: Any, result: RecoveryResult, notes: list[str]) -> None:
-        self.store.record_recovery(
-            db,
-            result.checkpoint_id,
-            result.task_id,
-            runtime=result.runtime_state_restored,
-            durable=result.durable_state_restored,
-            keys=result.keys_restored,
-            rows=result.rows_restored,
-            notes="; ".join(notes) or None,
-        )
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -589,10 +677,29 @@ class CheckpointManager:
             raise ValidationError(f"older_than must not be negative, not {age}")
         if keep_last < 1:
             raise ValidationError(f"keep_last must be at least 1, not {keep_last}")
-        result = self.store.cleanup(utcnow() - age, keep_last=keep_last, dry_run=dry_run)
+        # The newest checkpoint is kept anyway; if it is damaged, so is the newest intact
+        # one, which recovery would fall back to.
+        protect = {
+            intact
+            for task in self.store.task_overview()
+            if (intact := self._newest_intact(task)) is not None
+        }
+        result = self.store.cleanup(
+            utcnow() - age, keep_last=keep_last, dry_run=dry_run, protect=protect
+        )
         if not dry_run:
             self._last_cleanup = time.monotonic()
         return result
+
+    def _newest_intact(self, task_id: str) -> str | None:
+        for meta in self.store.usable_checkpoints(task_id):
+            manifest = self.store.manifest(meta.checkpoint_id)
+            try:
+                self._verify_payloads([(k, d) for k, d in manifest if k != "skills"])
+            except CorruptCheckpointError:
+                continue
+            return meta.checkpoint_id
+        return None
 
     def _maybe_cleanup(self) -> None:
         interval = self.config.periodic_interval.total_seconds()

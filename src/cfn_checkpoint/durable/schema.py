@@ -90,13 +90,16 @@ MIGRATIONS: list[list[str]] = [
             id {autoinc},
             checkpoint_id TEXT NOT NULL,
             task_id TEXT NOT NULL,
-            recovered_at TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            recovered_at TEXT,
+            status TEXT NOT NULL,
             runtime_restored INTEGER NOT NULL,
             durable_restored INTEGER NOT NULL,
             keys_restored INTEGER NOT NULL,
             rows_restored INTEGER NOT NULL,
             notes TEXT
         )""",
+        "CREATE INDEX ix_recoveries_task ON recoveries (task_id, status)",
     ],
 ]
 

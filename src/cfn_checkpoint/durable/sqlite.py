@@ -7,13 +7,14 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ..errors import StoreUnavailableError, ValidationError
+from ..codec import decompress_verified
+from ..errors import CorruptCheckpointError, StoreUnavailableError, ValidationError
 from ..model import (
     USABLE_STATUSES,
     CheckpointMetadata,
@@ -366,17 +367,23 @@ class SqliteStore:
         meta: CheckpointMetadata,
         manifest: Sequence[tuple[str, str]],
         blobs: dict[str, tuple[int, bytes]],
+        *,
+        unless_same: bool = True,
+        trusted: Collection[str] = (),
     ) -> CheckpointMetadata:
-        """Store a completed checkpoint in ONE transaction, unless it changes nothing.
+        """Store a completed checkpoint in ONE transaction.
 
         ``manifest`` lists ``(kind, digest)`` in order; ``blobs`` maps each digest to
-        ``(raw size, compressed bytes)``. If the task's newest usable checkpoint has
-        the same state hash, it is returned and nothing is written. Otherwise payloads
-        not yet stored are added, and the returned metadata says how many bytes that was.
+        ``(raw size, compressed bytes)``. With ``unless_same``, if the task's newest
+        usable checkpoint has the same state hash (another process got there first),
+        it is returned and nothing is written. A payload already stored is kept, unless
+        it is not in ``trusted`` and fails its hash: then it is replaced by the intact
+        copy in ``blobs``, which repairs every checkpoint sharing it. The returned
+        metadata says how many bytes were added.
         """
         with self.atomic() as db, _db_errors(f"storing checkpoint {meta.checkpoint_id}"):
             newest = self._newest_usable(db, meta.task_id)
-            if newest is not None and newest.state_hash == meta.state_hash:
+            if unless_same and newest is not None and newest.state_hash == meta.state_hash:
                 return newest
             stored = 0
             for digest in dict.fromkeys(d for _, d in manifest):
@@ -388,6 +395,8 @@ class SqliteStore:
                 )
                 if cursor.rowcount:
                     stored += len(data)
+                elif digest not in trusted:
+                    self._repair(db, digest, data)
             db.executemany(
                 "INSERT INTO checkpoint_payloads (checkpoint_id, ordinal, kind, digest) "
                 "VALUES (?, ?, ?, ?)",
@@ -396,6 +405,18 @@ class SqliteStore:
             done = replace(meta, stored_bytes=stored)
             self._insert_catalog(db, done)
         return done
+
+    def _repair(self, db: sqlite3.Connection, digest: str, intact: bytes) -> None:
+        (current,) = db.execute("SELECT data FROM payloads WHERE digest = ?", (digest,)).fetchone()
+        if bytes(current) == intact:
+            return
+        try:
+            decompress_verified(digest, bytes(current))
+        except CorruptCheckpointError:
+            db.execute(
+                "UPDATE payloads SET data = ?, stored_size = ? WHERE digest = ?",
+                (intact, len(intact), digest),
+            )
 
     def _insert_catalog(self, db: sqlite3.Connection, m: CheckpointMetadata) -> None:
         db.execute(
@@ -454,25 +475,39 @@ class SqliteStore:
                 found.update((str(d), bytes(b)) for d, b in rows)
         return found
 
-    def record_recovery(
+    def start_recovery(
+        self, checkpoint_id: str, task_id: str, *, runtime: bool, durable: bool
+    ) -> int:
+        """Log, committed before anything is written, that a recovery begins; returns its id.
+
+        A crash before :meth:`finish_recovery` leaves it ``started``, which the next
+        recovery of the task reports (see :meth:`interrupted_recoveries`).
+        """
+        with self.atomic() as db, _db_errors("recording a recovery"):
+            cursor = db.execute(
+                "INSERT INTO recoveries (checkpoint_id, task_id, started_at, status, "
+                "runtime_restored, durable_restored, keys_restored, rows_restored) "
+                "VALUES (?, ?, ?, 'started', ?, ?, 0, 0)",
+                (checkpoint_id, task_id, _iso(utcnow()), int(runtime), int(durable)),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def finish_recovery(
         self,
         db: sqlite3.Connection,
+        recovery_id: int,
         checkpoint_id: str,
-        task_id: str,
         *,
-        runtime: bool,
-        durable: bool,
         keys: int,
         rows: int,
         notes: str | None,
     ) -> None:
-        """Inside ``atomic()``: log a recovery and mark the checkpoint ``recovered``."""
+        """Inside ``atomic()``: mark a recovery done and its checkpoint ``recovered``."""
         now = _iso(utcnow())
         db.execute(
-            "INSERT INTO recoveries (checkpoint_id, task_id, recovered_at, runtime_restored, "
-            "durable_restored, keys_restored, rows_restored, notes) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (checkpoint_id, task_id, now, int(runtime), int(durable), keys, rows, notes),
+            "UPDATE recoveries SET status = 'done', recovered_at = ?, keys_restored = ?, "
+            "rows_restored = ?, notes = ? WHERE id = ?",
+            (now, keys, rows, notes, recovery_id),
         )
         db.execute(
             "UPDATE checkpoints SET status = ?, last_recovered_at = ?, "
@@ -480,22 +515,53 @@ class SqliteStore:
             (CheckpointStatus.RECOVERED.value, now, checkpoint_id),
         )
 
+    def fail_recovery(self, recovery_id: int, error: str) -> None:
+        """Mark a recovery that raised as ``failed`` (nothing of it took effect)."""
+        with self.atomic() as db, _db_errors("recording a failed recovery"):
+            db.execute(
+                "UPDATE recoveries SET status = 'failed', notes = ? WHERE id = ?",
+                (error, recovery_id),
+            )
+
+    def interrupted_recoveries(self, task_id: str) -> list[tuple[int, str, str]]:
+        """``(id, checkpoint id, started at)`` of the task's recoveries that never finished
+        (the process died between writing Redis and committing)."""
+        with self._lock, _db_errors("reading recoveries"):
+            rows = self._conn.execute(
+                "SELECT id, checkpoint_id, started_at FROM recoveries "
+                "WHERE task_id = ? AND status = 'started' ORDER BY id",
+                (task_id,),
+            ).fetchall()
+        return [(int(i), str(c), str(t)) for i, c, t in rows]
+
+    def close_interrupted(self, db: sqlite3.Connection, ids: Sequence[int]) -> None:
+        """Inside ``atomic()``: mark interrupted recoveries as such, once reported."""
+        db.executemany(
+            "UPDATE recoveries SET status = 'interrupted' WHERE id = ?", [(i,) for i in ids]
+        )
+
     # -- retention ---------------------------------------------------------------------------
 
     def cleanup(
-        self, cutoff: datetime, *, keep_last: int = 1, dry_run: bool = False
+        self,
+        cutoff: datetime,
+        *,
+        keep_last: int = 1,
+        dry_run: bool = False,
+        protect: Collection[str] = (),
     ) -> CleanupResult:
         """Remove checkpoints created before ``cutoff`` and payloads nothing references.
 
-        Each task's ``keep_last`` newest usable checkpoints (at least one) are kept
-        whatever their age. With ``dry_run`` the same work is done in a transaction
-        that is rolled back, so the result tells exactly what would go.
+        Each task's ``keep_last`` newest usable checkpoints (at least one), and the
+        checkpoints in ``protect``, are kept whatever their age. With ``dry_run`` the
+        same work is done in a transaction that is rolled back, so the result tells
+        exactly what would go.
         """
         keep_last = max(1, keep_last)
         result = CleanupResult([], 0, 0)
         try:
             with self.atomic() as db, _db_errors("cleaning up checkpoints"):
-                result = self._cleanup(db, cutoff, keep_last)
+                result = self._cleanup(db, cutoff, keep_last, set(protect))
                 if dry_run:
                     raise _Rollback
         except _Rollback:
@@ -504,7 +570,9 @@ class SqliteStore:
             self._conn.execute("PRAGMA incremental_vacuum")
         return result
 
-    def _cleanup(self, db: sqlite3.Connection, cutoff: datetime, keep_last: int) -> CleanupResult:
+    def _cleanup(
+        self, db: sqlite3.Connection, cutoff: datetime, keep_last: int, protect: set[str]
+    ) -> CleanupResult:
         doomed = [
             str(r[0])
             for r in db.execute(
@@ -514,12 +582,14 @@ class SqliteStore:
                 " ORDER BY seq",
                 (_iso(cutoff), *_USABLE, *_USABLE, keep_last),
             ).fetchall()
+            if str(r[0]) not in protect
         ]
         for start in range(0, len(doomed), 500):
             part = doomed[start : start + 500]
             marks = ", ".join("?" * len(part))
             db.execute(f"DELETE FROM checkpoint_payloads WHERE checkpoint_id IN ({marks})", part)
             db.execute(f"DELETE FROM checkpoints WHERE checkpoint_id IN ({marks})", part)
+            db.execute(f"DELETE FROM recoveries WHERE checkpoint_id IN ({marks})", part)
         count, freed = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM payloads WHERE digest NOT IN "
             "(SELECT digest FROM checkpoint_payloads)"

@@ -43,6 +43,8 @@ class TaskLock:
         self._release = Script(client, scripts.RELEASE_IF_OWNER)
         self._extend = Script(client, scripts.EXTEND_IF_OWNER)
         self._stop = threading.Event()
+        #: Set when a renewal found the lock no longer ours.
+        self.lost = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def acquire(self) -> None:
@@ -61,6 +63,7 @@ class TaskLock:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
         self._stop.clear()
+        self.lost.clear()
         self._renewer = threading.Thread(
             target=self._renew, name=f"cfn-lock-{self.task_id}", daemon=True
         )
@@ -70,9 +73,19 @@ class TaskLock:
         interval = self.ttl_ms / 3000
         while not self._stop.wait(interval):
             try:
-                self._extend(keys=[self.key], args=[self.token, self.ttl_ms])
+                if not self._extend(keys=[self.key], args=[self.token, self.ttl_ms]):
+                    self.lost.set()  # expired or taken over: another holder may be working
+                    return
             except redis.RedisError:
                 continue  # the next beat tries again; the TTL gives it time
+
+    def check(self) -> None:
+        """Raise :class:`LockTimeoutError` if the lock was lost while held."""
+        if self.lost.is_set():
+            raise LockTimeoutError(
+                f"lost the lock of task {self.task_id} (its TTL ran out or another holder "
+                "took it); nothing was written"
+            )
 
     def release(self) -> None:
         """Give the lock back (only if still ours)."""
