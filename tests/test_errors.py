@@ -483,14 +483,17 @@ def test_recover_from_a_failed_checkpoint(world: World) -> None:
     assert world.manager.recover_from_checkpoint(ALPHA).checkpoint_id != "cp_alpha_failed"
 
 
-def _corrupt_payload(db_path: Path, checkpoint_id: str, how: str) -> None:
+def _corrupt_payload(db_path: Path, checkpoint_id: str, how: str, done: set[str]) -> None:
     conn = sqlite3.connect(db_path)
     try:
         (digest,) = conn.execute(
-            "SELECT digest FROM checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'runtime'"
+            "SELECT digest FROM checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'base'"
             " ORDER BY ordinal LIMIT 1",
             (checkpoint_id,),
         ).fetchone()
+        if digest in done and how != "no-manifest":
+            return  # shared by both checkpoints: damaging it twice would undo a flip
+        done.add(digest)
         if how == "flip":
             (data,) = conn.execute(
                 "SELECT data FROM payloads WHERE digest = ?", (digest,)
@@ -516,8 +519,9 @@ def test_corrupt_checkpoint(world: World, how: str) -> None:
     m = world.manager
     cps = m.list_checkpoints(ALPHA)
     # Corrupt both checkpoints of ALPHA (they may share payloads): nothing intact is left.
+    damaged: set[str] = set()
     for cp in cps:
-        _corrupt_payload(world.db_path, cp.checkpoint_id, how)
+        _corrupt_payload(world.db_path, cp.checkpoint_id, how, damaged)
     for cp in cps:
         cid = cp.checkpoint_id
         world.fails(lambda c=cid: m.load_checkpoint(c), CorruptCheckpointError, cid)

@@ -104,7 +104,7 @@ def test_verify_all_reports_each_corrupt_checkpoint(
     with manager.store.atomic() as db:
         db.execute(
             "UPDATE payloads SET data = X'00' WHERE digest IN (SELECT digest FROM "
-            "checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'runtime')",
+            "checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'delta')",
             (bad.checkpoint_id,),
         )
     results = {m.checkpoint_id: e for m, e in manager.verify_all()}

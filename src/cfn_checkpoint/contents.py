@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .codec import Payload, decode_runtime, decode_tables, decompress_verified, state_hashes
+from .codec import Payload, decode_tables, decompress_verified, state_hashes
 from .durable.schema import SKILL_TABLE
 from .errors import CorruptCheckpointError
+from .image import Keyframe, decode_image
 from .model import CheckpointMetadata, RuntimeEntry, TableRows
+
+#: Payload kinds that hold runtime keys.
+RUNTIME_KINDS = frozenset({"base", "basettl", "delta", "ttl"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +25,10 @@ class CheckpointContents:
     captured_at_ms: int
     tables: dict[str, TableRows]
     skills: TableRows
+    #: The keyframe the runtime keys are stored against (itself, for a keyframe).
+    keyframe: Keyframe
+    #: ``key -> (row digest, expiry instant)`` of this checkpoint's runtime keys.
+    current: dict[bytes, tuple[bytes, int | None]]
 
 
 def verify_contents(
@@ -32,11 +40,12 @@ def verify_contents(
 ) -> CheckpointContents:
     """Decode a checkpoint from its manifest and stored (compressed) payloads.
 
-    Every payload is checked against its content hash, the state hash against the
-    catalog row, and the key count against the catalog row; any mismatch raises
-    :class:`CorruptCheckpointError` naming the checkpoint. With ``skills=False`` the
-    skill metadata payload (global, never written back) is neither needed nor read,
-    and ``skills`` comes back empty: recovery does not depend on it.
+    Every payload is checked against its content hash, the rebuilt runtime keys and
+    the payload names against the catalog row's hashes, and the key count; any
+    mismatch raises :class:`CorruptCheckpointError` naming the checkpoint. With
+    ``skills=False`` the skill metadata payload (global, never written back) is
+    neither needed nor read, and ``skills`` comes back empty: recovery does not
+    depend on it.
     """
     name = f"checkpoint {meta.checkpoint_id}"
     try:
@@ -54,39 +63,34 @@ def _verify(
     name: str,
     skills: bool,
 ) -> CheckpointContents:
-    if not manifest:
-        raise CorruptCheckpointError(f"{name} has no payloads")
+    try:
+        (durable,) = [d for k, d in manifest if k == "durable"]
+        (skill_digest,) = [d for k, d in manifest if k == "skills"]
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{name} has a malformed manifest") from exc
+    if any(k not in RUNTIME_KINDS | {"durable", "skills"} for k, _ in manifest):
+        raise CorruptCheckpointError(f"{name} has a malformed manifest")
     wanted = [(k, d) for k, d in manifest if skills or k != "skills"]
     missing = [d for _, d in wanted if d not in stored]
     if missing:
         raise CorruptCheckpointError(f"{name} is missing payload {missing[0][:12]}")
-    # The state hash covers payload names only, so it is checked with or without skills.
-    payloads = [
-        Payload(k, d, decompress_verified(d, stored[d]) if (skills or k != "skills") else b"")
-        for k, d in manifest
-    ]
-    if state_hashes(payloads)[0] != meta.state_hash:
+    payloads = [Payload(k, d, decompress_verified(d, stored[d])) for k, d in wanted]
+    image = decode_image([p for p in payloads if p.kind in RUNTIME_KINDS])
+    if image.runtime_hash != meta.runtime_state_hash:
+        raise CorruptCheckpointError(f"{name}: its runtime keys do not match their hash")
+    if state_hashes(image.runtime_hash, durable, skill_digest)[0] != meta.state_hash:
         raise CorruptCheckpointError(f"{name} does not match its state hash")
-    by_kind: dict[str, list[Payload]] = {}
-    for p in payloads:
-        by_kind.setdefault(p.kind, []).append(p)
-    try:
-        (ttl,) = by_kind["ttl"]
-        (durable,) = by_kind["durable"]
-        (skill_payload,) = by_kind["skills"]
-    except (KeyError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{name} has a malformed manifest") from exc
-    entries, captured_at_ms = decode_runtime(
-        ((p.digest, p.raw) for p in by_kind.get("runtime", [])), (ttl.digest, ttl.raw)
-    )
-    if len(entries) != meta.key_count:
+    if len(image.entries) != meta.key_count:
         raise CorruptCheckpointError(
-            f"{name} holds {len(entries)} keys, its catalog row says {meta.key_count}"
+            f"{name} holds {len(image.entries)} keys, its catalog row says {meta.key_count}"
         )
-    tables = decode_tables(durable.digest, durable.raw)
+    by_digest = {p.digest: p.raw for p in payloads}
+    tables = decode_tables(durable, by_digest[durable])
     skill_rows = TableRows([], [])
-    if skill_payload.raw:
-        skill_rows = decode_tables(skill_payload.digest, skill_payload.raw).get(
+    if skills:
+        skill_rows = decode_tables(skill_digest, by_digest[skill_digest]).get(
             SKILL_TABLE, skill_rows
         )
-    return CheckpointContents(meta, entries, captured_at_ms, tables, skill_rows)
+    return CheckpointContents(
+        meta, image.entries, image.captured_at_ms, tables, skill_rows, image.keyframe, image.current
+    )

@@ -16,21 +16,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .codec import (
-    Payload,
-    compress,
-    decompress_verified,
-    encode_runtime,
-    encode_tables,
-    expiries_moved,
-    state_hashes,
-)
+from .codec import compress, decompress_verified, encode_tables, state_hashes
 from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents, verify_contents
 from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states
@@ -42,6 +34,7 @@ from .errors import (
     CorruptCheckpointError,
     ValidationError,
 )
+from .image import Keyframe, RuntimeImage, delta_payloads, expiries_moved, keyframe_payloads
 from .layout import KeyLayout, validate_task_id
 from .model import (
     USABLE_STATUSES,
@@ -92,11 +85,19 @@ def _metadata(value: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValidationError(f"metadata must be JSON-serializable: {exc}") from exc
 
 
-#: An expiry instant that moved by more than this counts as a change (renewed TTL); less
-#: is clock rounding between two captures.
-_EXPIRY_TOLERANCE_MS = 50
 #: How many verified payload digests a manager remembers.
 _VERIFIED_CACHE = 200_000
+#: For how many tasks a manager remembers the newest checkpoint's keyframe and key index.
+_KNOWN_TASKS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownState:
+    """What the next checkpoint of a task is compared with and stored against."""
+
+    checkpoint_id: str
+    keyframe: Keyframe
+    current: dict[bytes, tuple[bytes, int | None]]
 
 
 class CheckpointManager:
@@ -118,6 +119,8 @@ class CheckpointManager:
         self._schedulers: list[PeriodicCheckpointer] = []
         #: Payload digests this manager wrote or verified, most recent last (bounded).
         self._verified: OrderedDict[str, None] = OrderedDict()
+        #: Per task, the newest checkpoint's keyframe and key index (bounded).
+        self._known: OrderedDict[str, _KnownState] = OrderedDict()
 
     @classmethod
     def open(
@@ -234,14 +237,30 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
-        payloads = encode_runtime(snapshot.entries, snapshot.captured_at_ms)
-        payloads.append(encode_tables("durable", durable.tables))
-        payloads.append(encode_tables("skills", {SKILL_TABLE: durable.skills}))
-        state_hash, runtime_hash, durable_hash = state_hashes(payloads)
+        image = RuntimeImage.of(snapshot.entries, snapshot.captured_at_ms)
+        durable_payload = encode_tables("durable", durable.tables)
+        skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
+        runtime_hash = image.runtime_hash()
+        state_hash, durable_hash = state_hashes(
+            runtime_hash, durable_payload.digest, skills_payload.digest
+        )
         newest = self._newest_usable(task_id)
-        same = newest is not None and newest.state_hash == state_hash
-        if same and newest is not None and self._still_current(newest, payloads):
-            return newest
+        known = self._known_state(task_id, newest)
+        if (
+            newest is not None
+            and known is not None
+            and newest.state_hash == state_hash
+            and not expiries_moved(known.current, image)
+        ):
+            return newest  # unchanged (TTLs ticking down do not count), and intact
+        runtime = delta_payloads(image, known.keyframe) if known is not None else []
+        keyframe = known.keyframe if runtime and known is not None else None
+        if keyframe is None:
+            frame_payloads, keyframe = keyframe_payloads(image)
+            runtime = [(p.kind, p.digest, p) for p in frame_payloads]
+        parts = [*runtime]
+        parts += [("durable", durable_payload.digest, durable_payload)]
+        parts += [("skills", skills_payload.digest, skills_payload)]
         meta = CheckpointMetadata(
             checkpoint_id=checkpoint_id,
             task_id=task_id,
@@ -255,39 +274,66 @@ class CheckpointManager:
             metadata=extra,
             key_count=len(snapshot.entries),
             row_count=durable.row_count,
-            raw_bytes=sum(len(p.raw) for p in payloads),
+            raw_bytes=sum(map(len, image.rows))
+            + len(durable_payload.raw)
+            + len(skills_payload.raw),
             point_in_time=snapshot.point_in_time,
             redis_version=snapshot.redis_version,
         )
-        manifest = [(p.kind, p.digest) for p in payloads]
-        blobs = {p.digest: (len(p.raw), compress(p.raw, cfg.compression_level)) for p in payloads}
+        manifest = [(kind, digest) for kind, digest, _ in parts]
+        # Payloads this manager wrote or verified are not compressed again (the store
+        # has them); if one has gone meanwhile the commit fails rather than guess.
+        level = cfg.compression_level
+        blobs = {
+            digest: (len(p.raw), compress(p.raw, level))
+            for _, digest, p in parts
+            if p is not None and digest not in self._verified
+        }
         lock.check()
         try:
             done = self.store.commit_checkpoint(
-                meta, manifest, blobs, unless_same=not same, trusted=self._verified
+                meta,
+                manifest,
+                blobs,
+                unless_same=newest is None or newest.state_hash != state_hash,
+                trusted=self._verified,
             )
         except CheckpointError as exc:
             self._record_failure(meta, exc)
             raise
         self._trust(d for _, d in manifest)
+        self._remember(task_id, _KnownState(done.checkpoint_id, keyframe, image.index()))
         return done
 
-    def _still_current(self, newest: CheckpointMetadata, payloads: list[Payload]) -> bool:
-        """Whether an unchanged task may return ``newest`` instead of a new checkpoint.
+    def _known_state(self, task_id: str, newest: CheckpointMetadata | None) -> _KnownState | None:
+        """The newest checkpoint's keyframe and key index, if it is intact.
 
-        Not if a key's expiry instant moved (a renewed lock or signal: recovery would
-        otherwise bring back the old, shorter deadline), nor if ``newest`` is damaged
-        (a new checkpoint then stores intact copies of its payloads).
+        From memory when this manager wrote or read it last (its payloads then known
+        good); otherwise it is loaded and verified once. ``None`` when there is no
+        newest checkpoint or it is damaged: the next checkpoint is then a full
+        keyframe, whose intact payloads repair the damaged ones they share.
         """
-        manifest = self.store.manifest(newest.checkpoint_id)
+        if newest is None:
+            return None
+        cached = self._known.get(task_id)
         try:
+            manifest = self.store.manifest(newest.checkpoint_id)
             self._verify_payloads(manifest)
-            old_ttl = next(d for kind, d in manifest if kind == "ttl")
-            raw = decompress_verified(old_ttl, self.store.load_payloads([old_ttl])[old_ttl])
-        except (CorruptCheckpointError, StopIteration, KeyError):
-            return False
-        new_ttl = next(p for p in payloads if p.kind == "ttl")
-        return not expiries_moved(raw, new_ttl.raw, tolerance_ms=_EXPIRY_TOLERANCE_MS)
+            if cached is not None and cached.checkpoint_id == newest.checkpoint_id:
+                self._known.move_to_end(task_id)
+                return cached
+            contents = self._load(newest)
+        except CorruptCheckpointError:
+            return None
+        known = _KnownState(newest.checkpoint_id, contents.keyframe, contents.current)
+        self._remember(task_id, known)
+        return known
+
+    def _remember(self, task_id: str, known: _KnownState) -> None:
+        self._known[task_id] = known
+        self._known.move_to_end(task_id)
+        while len(self._known) > _KNOWN_TASKS:
+            self._known.popitem(last=False)
 
     def _verify_payloads(self, manifest: list[tuple[str, str]]) -> None:
         """Check payloads this manager has not checked or written yet; raise if corrupt."""
@@ -407,7 +453,7 @@ class CheckpointManager:
             contents.captured_at_ms,
             self.config.ttl_policy,
         )
-        entries = [replace(e, pttl_ms=None if ttl < 0 else ttl) for e, ttl in writes]
+        entries = [e._replace(pttl_ms=None if ttl < 0 else ttl) for e, ttl in writes]
         state = TaskState(contents.meta.task_id, entries, contents.captured_at_ms, contents.tables)
         return state, [e.key for e in lapsed]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ValidationError
 
 #: Version of the stored checkpoint format (payload encoding and manifest).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointTrigger(StrEnum):
@@ -53,9 +53,8 @@ class RedisType(StrEnum):
     DUMP = "dump"
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimeEntry:
-    """One Redis key of a task, byte-exact.
+class RuntimeEntry(NamedTuple):
+    """One Redis key of a task, byte-exact (a tuple: tasks have many keys).
 
     ``value`` depends on ``type``: ``bytes`` for a string or a DUMP payload,
     ``list[bytes]`` for a list (in order) or a set (sorted), ``list[tuple[bytes,

@@ -373,10 +373,11 @@ class SqliteStore:
     ) -> CheckpointMetadata:
         """Store a completed checkpoint in ONE transaction.
 
-        ``manifest`` lists ``(kind, digest)`` in order; ``blobs`` maps each digest to
-        ``(raw size, compressed bytes)``. With ``unless_same``, if the task's newest
-        usable checkpoint has the same state hash (another process got there first),
-        it is returned and nothing is written. A payload already stored is kept, unless
+        ``manifest`` lists ``(kind, digest)`` in order; ``blobs`` maps digests to
+        ``(raw size, compressed bytes)``; a digest without a blob must be stored
+        already. With ``unless_same``, if the task's newest usable checkpoint has the
+        same state hash (another process got there first), it is returned and nothing
+        is written. A payload already stored is kept, unless
         it is not in ``trusted`` and fails its hash: then it is replaced by the intact
         copy in ``blobs``, which repairs every checkpoint sharing it. The returned
         metadata says how many bytes were added.
@@ -387,6 +388,15 @@ class SqliteStore:
                 return newest
             stored = 0
             for digest in dict.fromkeys(d for _, d in manifest):
+                if digest not in blobs:
+                    # Shared with an earlier checkpoint and known intact; it must still be here.
+                    if not db.execute(
+                        "SELECT 1 FROM payloads WHERE digest = ?", (digest,)
+                    ).fetchone():
+                        raise CorruptCheckpointError(
+                            f"payload {digest[:12]} to be shared is no longer stored"
+                        )
+                    continue
                 raw_size, data = blobs[digest]
                 cursor = db.execute(
                     "INSERT INTO payloads (digest, raw_size, stored_size, data) VALUES (?, ?, ?, ?)"

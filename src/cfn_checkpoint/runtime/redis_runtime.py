@@ -170,12 +170,19 @@ class RedisRuntime:
                 return RuntimeSnapshot(task_id, entries, now_ms, True, version)
             keys = sorted(set(keys) | set(later))
         entries = []
-        now_ms = 0
+        first_ms = 0
         for start in range(0, len(keys), batch_keys):
-            batch_now, batch = self._read(keys[start : start + batch_keys])
-            now_ms = now_ms or batch_now
+            batch_ms, batch = self._read(keys[start : start + batch_keys])
+            if not first_ms:
+                first_ms = batch_ms
+            elif batch_ms != first_ms:
+                # TTLs are kept relative to one capture clock: shift this batch's onto it.
+                shift = batch_ms - first_ms
+                batch = [
+                    e if e.pttl_ms is None else e._replace(pttl_ms=e.pttl_ms + shift) for e in batch
+                ]
             entries.extend(batch)
-        return RuntimeSnapshot(task_id, entries, now_ms or self.server_time_ms(), False, version)
+        return RuntimeSnapshot(task_id, entries, first_ms or self.server_time_ms(), False, version)
 
     def _scan_read(self, task_id: str, max_keys: int) -> tuple[int, list[RuntimeEntry]] | None:
         args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count]

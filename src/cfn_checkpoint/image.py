@@ -1,0 +1,299 @@
+"""Runtime images: a task's keys as packed rows with a digest each, stored as a keyframe
+or as a delta against one.
+
+A **row** is the msgpack encoding of ``[key, type, value, has_ttl, native_type]``;
+its **digest** is a 16-byte BLAKE2b of those bytes. The runtime hash of a task is the
+SHA-256 of its row digests in key order, so it does not depend on how the rows are
+stored. TTLs tick down, so they are not in the rows: each key's **expiry instant**
+(capture clock + TTL left) is kept apart, and an expiry that did not move is not a
+change.
+
+A **keyframe** stores every row: ``base`` chunks (a msgpack stream of rows, cut at
+keys whose CRC32 ends in ten zero bits, or at 1 MiB) and a ``ttl`` payload
+``[captured_at_ms, [[key, expiry], ...]]`` for the keys with a TTL.
+
+A **delta** stores only what differs from a keyframe: it references the keyframe's
+``base`` chunks and its ``ttl`` (as ``basettl``) and adds one ``delta`` payload (a
+msgpack stream: the removed keys, then the added and changed rows) and its own
+``ttl`` payload ``[captured_at_ms, [[key, expiry or None], ...]]`` for keys whose
+expiry differs from the keyframe's. A checkpoint that barely changed stores barely
+anything, its bookkeeping included (a few manifest rows), and recovery reads the
+keyframe plus one delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .codec import Payload, make_payload
+from .errors import CorruptCheckpointError
+from .model import RedisType, RuntimeEntry
+
+#: A base chunk ends after a key whose CRC32 has these low bits all zero (~1,024 keys).
+_CHUNK_MASK = 0x3FF
+#: ... or once it holds this many bytes.
+_CHUNK_MAX_BYTES = 1 << 20
+#: A delta larger than this share of the task's keys makes a new keyframe instead.
+MAX_DELTA_SHARE = 0.25
+#: An expiry instant that moved by more than this is a change (a renewed TTL); less is
+#: rounding between two captures.
+EXPIRY_TOLERANCE_MS = 50
+
+_TYPES = {t.value: t for t in RedisType}
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def _digest(row: bytes) -> bytes:
+    return hashlib.blake2b(row, digest_size=16).digest()
+
+
+def runtime_hash(digests: Iterable[bytes]) -> str:
+    """The hash of a task's runtime keys: SHA-256 over the row digests in key order."""
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+@dataclass(slots=True)
+class RuntimeImage:
+    """A task's runtime keys, sorted by key, as rows with digests and expiry instants."""
+
+    keys: list[bytes]
+    rows: list[bytes]
+    digests: list[bytes]
+    expiries: list[int | None]
+    captured_at_ms: int
+
+    @classmethod
+    def of(cls, entries: Sequence[RuntimeEntry], captured_at_ms: int) -> RuntimeImage:
+        """Build the image of captured entries (sorted by key)."""
+        keys, rows, digests, expiries = [], [], [], []
+        pack = _packer.pack
+        for e in entries:
+            row = pack([e.key, e.type.value, e.value, e.pttl_ms is not None, e.native_type])
+            keys.append(e.key)
+            rows.append(row)
+            digests.append(_digest(row))
+            expiries.append(None if e.pttl_ms is None else captured_at_ms + e.pttl_ms)
+        return cls(keys, rows, digests, expiries, captured_at_ms)
+
+    def runtime_hash(self) -> str:
+        """See :func:`runtime_hash`."""
+        return runtime_hash(self.digests)
+
+    def index(self) -> dict[bytes, tuple[bytes, int | None]]:
+        """``key -> (row digest, expiry)``."""
+        return dict(zip(self.keys, zip(self.digests, self.expiries, strict=True), strict=True))
+
+
+@dataclass(slots=True)
+class Keyframe:
+    """What a delta needs of its keyframe: payload names and each key's digest and expiry."""
+
+    chunks: list[str]
+    ttl: str
+    index: dict[bytes, tuple[bytes, int | None]] = field(default_factory=dict)
+
+
+def keyframe_payloads(image: RuntimeImage) -> tuple[list[Payload], Keyframe]:
+    """The ``base`` chunks and ``ttl`` payload of a keyframe, and its :class:`Keyframe`."""
+    payloads: list[Payload] = []
+    chunk: list[bytes] = []
+    size = 0
+    for key, row in zip(image.keys, image.rows, strict=True):
+        chunk.append(row)
+        size += len(row)
+        if (zlib.crc32(key) & _CHUNK_MASK) == 0 or size >= _CHUNK_MAX_BYTES:
+            payloads.append(_raw_payload("base", b"".join(chunk)))
+            chunk, size = [], 0
+    if chunk:
+        payloads.append(_raw_payload("base", b"".join(chunk)))
+    expiring = [[k, x] for k, x in zip(image.keys, image.expiries, strict=True) if x is not None]
+    ttl = make_payload("ttl", [image.captured_at_ms, expiring])
+    payloads.append(ttl)
+    frame = Keyframe([p.digest for p in payloads if p.kind == "base"], ttl.digest, image.index())
+    return payloads, frame
+
+
+def delta_payloads(image: RuntimeImage, frame: Keyframe) -> list[tuple[str, str, Payload | None]]:
+    """The manifest of a delta against ``frame``: ``(kind, digest, new payload or None)``.
+
+    Returns an empty list when the delta would be larger than :data:`MAX_DELTA_SHARE`
+    of the task: a keyframe is then the better choice.
+    """
+    base = frame.index
+    limit = max(1, int(MAX_DELTA_SHARE * max(len(image.keys), len(base))))
+    changed: list[bytes] = []
+    overrides: list[list[object]] = []
+    seen = 0
+    for key, row, digest, expiry in zip(
+        image.keys, image.rows, image.digests, image.expiries, strict=True
+    ):
+        old = base.get(key)
+        if old is not None:
+            seen += 1
+        if old is None or old[0] != digest:
+            changed.append(row)
+            if expiry is not None:
+                overrides.append([key, expiry])
+        elif _moved(old[1], expiry):
+            overrides.append([key, expiry])
+        if len(changed) > limit:
+            return []
+    removed = len(base) - seen
+    if removed + len(changed) > limit:
+        return []
+    present = set(image.keys) if removed else ()
+    gone = [k for k in base if k not in present] if removed else []
+    delta = _raw_payload("delta", _packer.pack(gone) + b"".join(changed))
+    ttl = make_payload("ttl", [image.captured_at_ms, overrides])
+    manifest: list[tuple[str, str, Payload | None]] = [("base", d, None) for d in frame.chunks]
+    manifest += [
+        ("basettl", frame.ttl, None),
+        ("delta", delta.digest, delta),
+        ("ttl", ttl.digest, ttl),
+    ]
+    return manifest
+
+
+def _moved(old: int | None, new: int | None) -> bool:
+    if old is None or new is None:
+        return old is not new
+    return abs(old - new) > EXPIRY_TOLERANCE_MS
+
+
+def expiries_moved(old: dict[bytes, tuple[bytes, int | None]], image: RuntimeImage) -> bool:
+    """Whether any key's expiry instant differs from ``old`` (same keys assumed)."""
+    for key, expiry in zip(image.keys, image.expiries, strict=True):
+        previous = old.get(key)
+        if previous is None or _moved(previous[1], expiry):
+            return True
+    return False
+
+
+def _raw_payload(kind: str, raw: bytes) -> Payload:
+    return Payload(kind, hashlib.sha256(raw).hexdigest(), raw)
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def _rows(
+    digest: str, raw: bytes, first_is_header: bool = False
+) -> tuple[object, list[tuple[list[Any], bytes]]]:
+    """The objects of a msgpack stream with the digest of each row's bytes."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
+    unpacker.feed(raw)
+    header: object = None
+    rows: list[tuple[list[Any], bytes]] = []
+    start = 0
+    try:
+        if first_is_header:
+            header = unpacker.unpack()
+            start = unpacker.tell()
+        for obj in unpacker:
+            end = unpacker.tell()
+            rows.append((obj, _digest(raw[start:end])))
+            start = end
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise CorruptCheckpointError(f"payload {digest[:12]} cannot be decoded: {exc}") from exc
+    return header, rows
+
+
+def _unpack_ttl(digest: str, raw: bytes) -> tuple[int, dict[bytes, int | None]]:
+    try:
+        captured_at, pairs = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        return int(captured_at), {bytes(k): (None if x is None else int(x)) for k, x in pairs}
+    except Exception as exc:
+        raise CorruptCheckpointError(f"TTL payload {digest[:12]} cannot be decoded: {exc}") from exc
+
+
+@dataclass(slots=True)
+class DecodedImage:
+    """Entries rebuilt from stored payloads, the hash of their rows, and the keyframe."""
+
+    entries: list[RuntimeEntry]
+    captured_at_ms: int
+    runtime_hash: str
+    keyframe: Keyframe
+    current: dict[bytes, tuple[bytes, int | None]]
+
+
+def decode_image(payloads: Sequence[Payload]) -> DecodedImage:
+    """Rebuild a task's runtime entries from a checkpoint's runtime payloads (verified)."""
+    by_kind: dict[str, list[Payload]] = {}
+    for p in payloads:
+        by_kind.setdefault(p.kind, []).append(p)
+    rows: dict[bytes, tuple[list[Any], bytes]] = {}
+    for chunk in by_kind.get("base", []):
+        for obj, digest in _rows(chunk.digest, chunk.raw)[1]:
+            rows[_key_of(obj, chunk.digest)] = (obj, digest)
+    base_index = {k: d for k, (_, d) in rows.items()}
+    try:
+        (ttl,) = by_kind["ttl"]
+        delta_list = by_kind.get("delta", [])
+        basettl_list = by_kind.get("basettl", [])
+        if len(delta_list) != len(basettl_list) or len(delta_list) > 1:
+            raise ValueError("delta and basettl come together, once")
+    except (KeyError, ValueError) as exc:
+        raise CorruptCheckpointError(f"malformed runtime manifest: {exc}") from exc
+    captured_at, own = _unpack_ttl(ttl.digest, ttl.raw)
+    if delta_list:
+        _, base_expiry = _unpack_ttl(basettl_list[0].digest, basettl_list[0].raw)
+        expiries = dict(base_expiry)
+        header, changed = _rows(delta_list[0].digest, delta_list[0].raw, first_is_header=True)
+        if not isinstance(header, list):
+            raise CorruptCheckpointError(f"payload {delta_list[0].digest[:12]} is malformed")
+        for key in header:
+            rows.pop(bytes(key), None)
+            expiries.pop(bytes(key), None)
+        for obj, digest in changed:
+            key = _key_of(obj, delta_list[0].digest)
+            rows[key] = (obj, digest)
+            expiries.pop(key, None)
+        expiries.update(own)
+        frame = Keyframe(
+            [p.digest for p in by_kind.get("base", [])],
+            basettl_list[0].digest,
+            {k: (d, base_expiry.get(k)) for k, d in base_index.items()},
+        )
+    else:
+        expiries = own
+        frame = Keyframe(
+            [p.digest for p in by_kind.get("base", [])],
+            ttl.digest,
+            {k: (d, own.get(k)) for k, d in base_index.items()},
+        )
+    entries: list[RuntimeEntry] = []
+    digests: list[bytes] = []
+    current: dict[bytes, tuple[bytes, int | None]] = {}
+    for key in sorted(rows):
+        obj, digest = rows[key]
+        entry = _entry_of(obj, expiries.get(key), captured_at)
+        entries.append(entry)
+        digests.append(digest)
+        current[key] = (digest, expiries.get(key))
+    return DecodedImage(entries, captured_at, runtime_hash(digests), frame, current)
+
+
+def _key_of(obj: object, digest: str) -> bytes:
+    if not isinstance(obj, list) or len(obj) != 5 or not isinstance(obj[0], bytes):
+        raise CorruptCheckpointError(f"payload {digest[:12]} holds a malformed row")
+    return obj[0]
+
+
+def _entry_of(obj: list[Any], expiry: int | None, captured_at: int) -> RuntimeEntry:
+    key, type_name, value, has_ttl, native = obj
+    rtype = _TYPES.get(type_name)
+    if rtype is None:
+        raise CorruptCheckpointError(f"key {key!r} has unknown type {type_name!r}")
+    if has_ttl and expiry is None:
+        raise CorruptCheckpointError(f"key {key!r} has a TTL but no expiry")
+    if rtype in (RedisType.HASH, RedisType.ZSET):
+        value = [tuple(pair) for pair in value]
+    pttl = expiry - captured_at if has_ttl and expiry is not None else None
+    return RuntimeEntry(key, rtype, value, pttl, native)

@@ -1,0 +1,115 @@
+"""Keyframes and deltas: every checkpoint of a changing task recovers exactly."""
+
+from __future__ import annotations
+
+import random
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cfn_checkpoint import CheckpointManager, KeyLayout
+
+from conftest import task_state
+from strategies import task_states, write_state
+
+
+def _kinds(manager: CheckpointManager, checkpoint_id: str) -> list[str]:
+    return [k for k, _ in manager.store.manifest(checkpoint_id)]
+
+
+def _wipe(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(states=st.lists(task_states, min_size=2, max_size=4), reopen=st.booleans())
+def test_every_checkpoint_of_a_changing_task_recovers_exactly(
+    redis_url: str,
+    tmp_path: Path,
+    layout: KeyLayout,
+    prefix: str,
+    states: list[dict[Any, Any]],
+    reopen: bool,
+) -> None:
+    db_url = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"
+    anchor = {("agent", b"anchor"): ("string", b"", None)}
+    taken: list[tuple[str, dict[bytes, Any]]] = []
+    manager = CheckpointManager.open(redis_url, db_url, layout=layout)
+    try:
+        client = manager.runtime.client
+        _wipe(client, prefix)
+        for i, state in enumerate(states):
+            if reopen and i:  # a new process: nothing remembered, the keyframe is reloaded
+                manager.close()
+                manager = CheckpointManager.open(redis_url, db_url, layout=layout)
+                client = manager.runtime.client
+            manager.runtime.delete_task("t")
+            write_state(client, layout, "t", {**anchor, **state})
+            meta = manager.create_checkpoint("t")
+            taken.append((meta.checkpoint_id, task_state(client, prefix)))
+        for checkpoint_id, expected in reversed(taken):
+            manager.recover_from_checkpoint("t", checkpoint_id)
+            assert task_state(client, prefix) == expected, _kinds(manager, checkpoint_id)
+    finally:
+        manager.close()
+
+
+def _many(client: redis.Redis, layout: KeyLayout, n: int, version: int, changed: int) -> None:
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        noise = random.Random(i).randbytes(100).hex()  # about as compressible as real state
+        value = f'{{"agent":{i},"v":{version if i < changed else 0},"notes":"{noise}"}}'
+        pipe.set(
+            layout.key("agent", "t", f"a{i:05d}"), value.encode(), px=600_000 if i % 2 else None
+        )
+    pipe.execute()
+
+
+def test_one_percent_change_stores_a_small_delta(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, prefix: str
+) -> None:
+    _many(client, layout, 2_000, version=0, changed=0)
+    full = manager.create_checkpoint("t")
+    assert "delta" not in _kinds(manager, full.checkpoint_id)
+    _many(client, layout, 2_000, version=1, changed=20)  # 1% of the keys
+    small = manager.create_checkpoint("t")
+    assert "delta" in _kinds(manager, small.checkpoint_id)
+    assert small.stored_bytes <= 0.03 * full.stored_bytes
+    expected = task_state(client, prefix)
+    manager.runtime.delete_task("t")
+    manager.recover_from_checkpoint("t")
+    assert task_state(client, prefix) == expected
+
+
+def test_large_change_makes_a_new_keyframe(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    _many(client, layout, 400, version=0, changed=0)
+    manager.create_checkpoint("t")
+    _many(client, layout, 400, version=1, changed=300)
+    second = manager.create_checkpoint("t")
+    assert "delta" not in _kinds(manager, second.checkpoint_id)
+
+
+def test_delta_survives_cleanup_of_its_keyframe_checkpoint(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, prefix: str
+) -> None:
+    _many(client, layout, 300, version=0, changed=0)
+    manager.create_checkpoint("t")
+    _many(client, layout, 300, version=1, changed=3)
+    delta = manager.create_checkpoint("t")
+    expected = task_state(client, prefix)
+    assert manager.cleanup_old_checkpoints(older_than=timedelta(0)) == 1
+    manager.verify_checkpoint(delta.checkpoint_id)  # the keyframe's chunks are still referenced
+    manager.runtime.delete_task("t")
+    manager.recover_from_checkpoint("t")
+    assert task_state(client, prefix) == expected
+    _many(client, layout, 300, version=2, changed=3)  # and the next delta builds on it
+    assert "delta" in _kinds(manager, manager.create_checkpoint("t").checkpoint_id)
