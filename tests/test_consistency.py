@@ -99,4 +99,3 @@ def test_large_database_path_scans_from_the_client_and_stays_exact(
     manager.runtime.delete_task("t")
     manager.recover_from_checkpoint("t")
     assert task_state(client, prefix) == before
-

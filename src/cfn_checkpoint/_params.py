@@ -60,7 +60,7 @@ def format_duration(value: timedelta) -> str:
     return "".join(parts)
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic in click 8.3+
     """A duration option; ``positive`` refuses zero."""
 
     name = "duration"
@@ -85,7 +85,7 @@ class Duration(click.ParamType):
         return result
 
 
-class MetaPair(click.ParamType):
+class MetaPair(click.ParamType):  # type: ignore[type-arg]
     """``KEY=VALUE`` (a string) or ``KEY:=JSON`` (any JSON value) for checkpoint metadata."""
 
     name = "meta"
@@ -128,7 +128,7 @@ def meta_dict(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 TIERS = ("runtime", "durable")
 
 
-class Tiers(click.ParamType):
+class Tiers(click.ParamType):  # type: ignore[type-arg]
     """A comma-separated subset of ``runtime,durable``."""
 
     name = "tiers"
@@ -144,7 +144,5 @@ class Tiers(click.ParamType):
         names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
         unknown = [n for n in names if n not in TIERS]
         if unknown or not names:
-            self.fail(
-                f"{value!r}: expected runtime, durable or runtime,durable", param, ctx
-            )
+            self.fail(f"{value!r}: expected runtime, durable or runtime,durable", param, ctx)
         return frozenset(names)
