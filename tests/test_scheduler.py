@@ -65,3 +65,17 @@ def test_invalid_arguments(manager: CheckpointManager) -> None:
         PeriodicCheckpointer(manager, interval=timedelta(0))
     with pytest.raises(ValidationError, match="task id"):
         PeriodicCheckpointer(manager, tasks=["a:b"])
+
+
+def test_periodic_checkpoint_does_not_record_a_lost_runtime(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    manager.writer("t").put_agent("a", {"n": 0})
+    manager.durable.record_audit_event("t", "started")
+    good = manager.create_checkpoint("t", "periodic")
+    manager.runtime.delete_task("t")  # Redis lost the task; its durable rows remain
+    outcomes = PeriodicCheckpointer(manager, tasks=["t"]).run_once()
+    assert outcomes[0].error is not None and "lost its runtime keys" in str(outcomes[0].error)
+    assert manager.list_checkpoints("t")[0].checkpoint_id == good.checkpoint_id
+    # A manual checkpoint is an explicit decision and is taken.
+    assert manager.create_checkpoint("t", "manual").key_count == 0

@@ -237,6 +237,20 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
+        newest = self._newest_usable(task_id)
+        if (
+            trigger is CheckpointTrigger.PERIODIC
+            and not snapshot.entries
+            and newest is not None
+            and newest.key_count
+        ):
+            # A periodic checkpoint would record the loss as the newest state, and a
+            # plain recover would then restore nothing. Someone must decide.
+            raise ValidationError(
+                f"task {task_id} has lost its runtime keys (its newest checkpoint has "
+                f"{newest.key_count}): not checkpointing over them; recover the task, or "
+                "take a manual checkpoint if the loss is intended"
+            )
         image = RuntimeImage.of(snapshot.entries, snapshot.captured_at_ms)
         durable_payload = encode_tables("durable", durable.tables)
         skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
@@ -244,7 +258,6 @@ class CheckpointManager:
         state_hash, durable_hash = state_hashes(
             runtime_hash, durable_payload.digest, skills_payload.digest
         )
-        newest = self._newest_usable(task_id)
         known = self._known_state(task_id, newest)
         if (
             newest is not None
