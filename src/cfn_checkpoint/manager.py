@@ -229,15 +229,18 @@ class CheckpointManager:
         started = utcnow()
         checkpoint_id = f"cp_{task_id}_{started:%Y%m%dT%H%M%S%f}_{secrets.token_hex(3)}"
         cfg = self.config
+        newest = self._newest_usable(task_id)
         snapshot = self.runtime.capture(
-            task_id, atomic_max_keys=cfg.atomic_max_keys, batch_keys=cfg.batch_keys
+            task_id,
+            atomic_max_keys=cfg.atomic_max_keys,
+            batch_keys=cfg.batch_keys,
+            expected_keys=newest.key_count if newest is not None else 0,
         )
         durable = self.store.read_durable(task_id)
         if not snapshot.entries and not durable.row_count:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
-        newest = self._newest_usable(task_id)
         if (
             trigger is CheckpointTrigger.PERIODIC
             and not snapshot.entries

@@ -144,11 +144,18 @@ class RedisRuntime:
     # -- capture -----------------------------------------------------------------------------
 
     def capture(
-        self, task_id: str, *, atomic_max_keys: int = 50_000, batch_keys: int = 1_000
+        self,
+        task_id: str,
+        *,
+        atomic_max_keys: int = 50_000,
+        batch_keys: int = 1_000,
+        expected_keys: int = 0,
     ) -> RuntimeSnapshot:
         """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
 
-        While the database holds at most ``scan_in_script_max_keys`` keys, one Lua
+        While the database holds at most ``scan_in_script_max_keys`` keys, or at most
+        twice the ``expected_keys`` the task is thought to have (its last checkpoint:
+        then the scan costs no more than the read that blocks Redis anyway), one Lua
         script finds the keys (SCAN) and reads them: a true point-in-time read, even
         with writers creating keys meanwhile. On larger databases the keys are found
         with SCAN from the client, read in one script, and a second SCAN checks that
@@ -156,7 +163,7 @@ class RedisRuntime:
         than ``atomic_max_keys`` is read in batches and marked not point-in-time.
         """
         version = self.version()
-        if self._small_database():
+        if self._small_database(expected_keys) and expected_keys <= atomic_max_keys:
             found = self._scan_read(task_id, atomic_max_keys)
             if found is not None:
                 return RuntimeSnapshot(task_id, found[1], found[0], True, version)
@@ -232,7 +239,7 @@ class RedisRuntime:
                 )
         writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
         self._check_dumps(task_id, [entry for entry, _ in writes])
-        if len(writes) <= atomic_max_keys and self._small_database():
+        if len(writes) <= atomic_max_keys and self._small_database(len(writes)):
             # Stale keys are found by the script itself: nothing created meanwhile survives.
             written, removed = self._write([], writes, scan_task=task_id)
             return RestoreStats(written, removed, len(lapsed), True)
@@ -250,9 +257,12 @@ class RedisRuntime:
             written += self._write([], writes[start : start + batch_keys])[0]
         return RestoreStats(written, removed, len(lapsed), False)
 
-    def _small_database(self) -> bool:
+    def _small_database(self, task_keys: int = 0) -> bool:
+        """Whether a SCAN inside a script is cheap enough: the database is small, or not
+        much larger than the task (whose keys the script blocks Redis to read anyway)."""
         with redis_errors("counting keys"):
-            return int(self.client.dbsize()) <= self.scan_in_script_max_keys
+            size = int(self.client.dbsize())
+        return size <= max(self.scan_in_script_max_keys, 2 * task_keys)
 
     def plan_ttls(
         self,

@@ -9,10 +9,13 @@ commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
 from __future__ import annotations
 
 #: Lua: ``read(key)`` -> ``{type, pttl, value}`` (``{"none"}`` for a missing key), shared by
-#: the capture scripts. value is a bulk string (string; DUMP payload for any type other than
+#: the capture scripts; pttl is the TTL left at ``now`` (the script's TIME at its start).
+#: value is a bulk string (string; DUMP payload for any type other than
 #: string/list/hash/set/zset) or a flat array (list items; set members; hash field, value,
 #: ...; zset member, score, ... in rank order).
 _READ_KEY = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function read(key)
   local ty = redis.call('TYPE', key)['ok']
   if ty == 'none' then
@@ -32,10 +35,17 @@ local function read(key)
   else
     value = redis.call('DUMP', key)
   end
-  return {ty, redis.call('PTTL', key), value}
+  -- TTL left at ``now``. PEXPIRETIME (7.0+) gives the exact expiry instant; PTTL (6.2)
+  -- is measured when this key is read, up to the script's run time after ``now``.
+  local at = redis.pcall('PEXPIRETIME', key)
+  if type(at) == 'table' then
+    return {ty, redis.call('PTTL', key), value}
+  end
+  if at < 0 then
+    return {ty, at, value}
+  end
+  return {ty, math.max(at - now, 0), value}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 #: Lua: ``task_keys(pattern, count, first)`` -> the keys SCAN finds for ``pattern`` that start
