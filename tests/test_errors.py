@@ -658,3 +658,11 @@ def test_every_error_class_has_its_code() -> None:
     for cls, code in pairs.items():
         err = cls("one line")
         assert isinstance(err, CheckpointError) and err.code == code and err.message == "one line"
+
+
+def test_unparseable_redis_url_is_a_validation_error(db_url: str) -> None:
+    from cfn_checkpoint import CheckpointManager as Manager
+
+    with pytest.raises(ValidationError) as info:
+        Manager.open("redis://[bad", db_url)
+    assert "\n" not in str(info.value)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
-from cfn_checkpoint import CheckpointManager, CorruptCheckpointError, KeyLayout
+from cfn_checkpoint import (
+    CheckpointManager,
+    CorruptCheckpointError,
+    KeyLayout,
+    StoreUnavailableError,
+)
 from cfn_checkpoint.diff import Change
 
 from conftest import task_state
@@ -145,3 +151,51 @@ def test_cleanup_dry_run_reports_exactly_what_cleanup_removes(
     assert manager.store.payload_stats() == stats and len(manager.list_checkpoints()) == 4
     done = manager.cleanup(older_than=timedelta(0))
     assert done == planned
+
+
+def test_plan_reports_ttls_that_the_recovery_would_move(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    lock = layout.key("lock", "t", "l")
+    signal = layout.key("signal", "t", "s")
+    client.set(lock, b"tok", px=600_000)
+    client.set(signal, b"2", px=600_000)
+    manager.create_checkpoint("t")
+    client.pexpire(lock, 5_000_000)  # renewed since: recovery would cut it back
+    client.pexpire(signal, 1_000)  # about to expire: recovery would give it 10 minutes
+    plan = manager.plan_recovery("t")
+    details = {c.key: c.detail for c in plan.changes.keys}
+    assert details[lock] == "ttl 1.39h -> 10m"  # a lock keeps its original deadline
+    assert details[signal].startswith("ttl 9") and details[signal].endswith("-> 10m")
+    manager.recover_from_checkpoint("t")
+    assert manager.plan_recovery("t").changes.empty
+
+
+def test_store_only_work_goes_on_while_redis_is_down(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, db_url: str, tmp_path: Path
+) -> None:
+    client.set(layout.key("agent", "t", "a"), b"1")
+    meta = manager.create_checkpoint("t")
+    with CheckpointManager.open(
+        "redis://127.0.0.1:1/0", db_url, layout=layout, lazy_runtime=True
+    ) as offline:
+        assert [m.checkpoint_id for m in offline.list_checkpoints()] == [meta.checkpoint_id]
+        offline.verify_checkpoint(meta.checkpoint_id)
+        offline.export_checkpoint(meta.checkpoint_id, tmp_path / "cp.cfn")
+        assert offline.cleanup(dry_run=True).checkpoint_ids == []
+        with pytest.raises(StoreUnavailableError):
+            offline.recover_from_checkpoint("t")
+
+
+def test_damaged_catalog_row_is_reported_as_corrupt(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    client.set(layout.key("agent", "t", "a"), b"1")
+    meta = manager.create_checkpoint("t")
+    with manager.store.atomic() as db:
+        db.execute(
+            "UPDATE checkpoints SET metadata = '{bad' WHERE checkpoint_id = ?",
+            (meta.checkpoint_id,),
+        )
+    with pytest.raises(CorruptCheckpointError, match="catalog row"):
+        manager.list_checkpoints()

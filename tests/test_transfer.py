@@ -123,3 +123,46 @@ def test_tampering_that_rewrites_the_trailer_is_still_caught(
     path.write_bytes(bytes(body) + hashlib.sha256(bytes(body)).digest())
     with pytest.raises(CorruptCheckpointError, match=meta.checkpoint_id):
         manager.import_checkpoint(path)
+
+
+def _forge(path: Path, **changes: object) -> None:
+    """Rewrite header fields of an export file and recompute its trailer (a deliberate forgery)."""
+    import hashlib
+
+    import msgpack
+
+    blob = path.read_bytes()
+    body = blob[len(MAGIC) : -32]
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(body)
+    header = next(unpacker)
+    offset = unpacker.tell()
+    header["checkpoint"].update(changes)
+    new_body = MAGIC + msgpack.packb(header, use_bin_type=True) + body[offset:]
+    path.write_bytes(new_body + hashlib.sha256(new_body).digest())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"checkpoint_id": "cp_evil\x1b[31m\nINJECTED"}, "checkpoint id"),
+        ({"checkpoint_id": "../../etc/x"}, "checkpoint id"),
+        ({"task_id": "victim"}, "not a key of task victim"),
+    ],
+)
+def test_forged_export_headers_are_refused(
+    manager: CheckpointManager,
+    client: redis.Redis,
+    layout: KeyLayout,
+    tmp_path: Path,
+    changes: dict[str, object],
+    message: str,
+) -> None:
+    _seed(manager, client, layout)
+    meta = manager.create_checkpoint("t")
+    path = tmp_path / "cp.cfn"
+    manager.export_checkpoint(meta.checkpoint_id, path)
+    _forge(path, **changes)
+    with pytest.raises(ValidationError, match=message):
+        manager.import_checkpoint(path)
+    assert [m.checkpoint_id for m in manager.list_checkpoints()] == [meta.checkpoint_id]

@@ -96,6 +96,33 @@ def diff_keys(old: Sequence[RuntimeEntry], new: Sequence[RuntimeEntry]) -> list[
     return changes
 
 
+#: A TTL that would move by more than this (and by more than 1%) is reported by a plan.
+TTL_MOVE_TOLERANCE_MS = 1_000
+
+
+def _human_ms(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)):
+        if ms >= size:
+            return f"{ms / size:.3g}{unit}"
+    return f"{ms}ms"
+
+
+def ttl_moves(now: Sequence[RuntimeEntry], then: Sequence[RuntimeEntry]) -> list[KeyChange]:
+    """Keys the same in content in both, whose TTL would move noticeably from ``now`` to
+    ``then`` (a renewed lock cut back, a key about to expire given its old TTL)."""
+    before = {e.key: e for e in now}
+    moves = []
+    for entry in then:
+        old = before.get(entry.key)
+        if old is None or old.pttl_ms is None or entry.pttl_ms is None or _key_detail(old, entry):
+            continue
+        gap = abs(old.pttl_ms - entry.pttl_ms)
+        if gap > TTL_MOVE_TOLERANCE_MS and gap > 0.01 * max(old.pttl_ms, entry.pttl_ms):
+            detail = f"ttl {_human_ms(old.pttl_ms)} -> {_human_ms(entry.pttl_ms)}"
+            moves.append(KeyChange(entry.key, Change.CHANGED, old, entry, detail))
+    return moves
+
+
 def diff_rows(old: dict[str, TableRows], new: dict[str, TableRows]) -> list[RowChange]:
     """Rows added, removed or changed, table by table, keyed by the first column (``id``)."""
     changes: list[RowChange] = []

@@ -48,6 +48,18 @@ def validate_task_id(task_id: object) -> str:
     return task_id
 
 
+_CHECKPOINT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,300}")
+
+
+def validate_checkpoint_id(checkpoint_id: object) -> str:
+    """Return ``checkpoint_id`` if it has the form of a checkpoint id, else raise."""
+    if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID_RE.fullmatch(checkpoint_id):
+        raise ValidationError(
+            f"checkpoint id {checkpoint_id!r} must be 1 to 300 of letters, digits, '.', '_', '-'"
+        )
+    return checkpoint_id
+
+
 def escape_glob(raw: bytes) -> bytes:
     """Escape ``*?[]\\`` so a Redis MATCH pattern takes them literally."""
     return _GLOB_SPECIAL.sub(rb"\\\1", raw)

@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -25,17 +25,18 @@ from typing import Any
 from .codec import compress, decompress_verified, encode_tables, state_hashes
 from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents, verify_contents
-from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states
+from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states, ttl_moves
 from .durable.schema import SKILL_TABLE
 from .durable.sqlite import CleanupResult, SqliteStore, utcnow
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StoreUnavailableError,
     ValidationError,
 )
 from .image import Keyframe, RuntimeImage, delta_payloads, expiries_moved, keyframe_payloads
-from .layout import KeyLayout, validate_task_id
+from .layout import KeyLayout, validate_checkpoint_id, validate_task_id
 from .model import (
     USABLE_STATUSES,
     CheckpointConfig,
@@ -105,13 +106,23 @@ class CheckpointManager:
 
     def __init__(
         self,
-        runtime: RedisRuntime,
+        runtime: RedisRuntime | Callable[[], tuple[RedisRuntime, EmbeddedRedis | None]],
         store: SqliteStore,
         *,
         config: CheckpointConfig | None = None,
         embedded: EmbeddedRedis | None = None,
+        layout: KeyLayout | None = None,
     ) -> None:
-        self.runtime = runtime
+        """``runtime`` is a connected :class:`RedisRuntime`, or a function that connects
+        one (and maybe starts an embedded server) the first time Redis is needed."""
+        if isinstance(runtime, RedisRuntime):
+            layout = runtime.layout
+            self._runtime: RedisRuntime | None = runtime
+            self._connect: Callable[[], tuple[RedisRuntime, EmbeddedRedis | None]] | None = None
+        else:
+            self._runtime, self._connect = None, runtime
+        #: The key layout of the tasks (the runtime's, once connected).
+        self.layout = layout or KeyLayout()
         self.store = store
         self.config = config or CheckpointConfig()
         self._embedded = embedded
@@ -122,6 +133,16 @@ class CheckpointManager:
         #: Per task, the newest checkpoint's keyframe and key index (bounded).
         self._known: OrderedDict[str, _KnownState] = OrderedDict()
 
+    @property
+    def runtime(self) -> RedisRuntime:
+        """The runtime tier (Redis), connected on first use when opened lazily."""
+        if self._runtime is None:
+            if self._connect is None:
+                raise StoreUnavailableError("this manager has no runtime tier")
+            self._runtime, self._embedded = self._connect()
+            self._connect = None
+        return self._runtime
+
     @classmethod
     def open(
         cls,
@@ -131,31 +152,46 @@ class CheckpointManager:
         layout: KeyLayout | None = None,
         config: CheckpointConfig | None = None,
         redis_binary: str | None = None,
+        lazy_runtime: bool = False,
     ) -> CheckpointManager:
         """Connect to both tiers.
 
         ``redis_url`` defaults to ``CFN_REDIS_URL`` (or ``CFN_REDIS_HOST``/``CFN_REDIS_PORT``);
         with none, an embedded ``redis-server`` is started for this process.
         ``durable_url`` defaults to ``CFN_DURABLE_URL``, else ``sqlite:///cfn-checkpoint.db``.
+        With ``lazy_runtime`` Redis is connected (or the embedded one started) only when
+        something needs it, so work on the stored checkpoints alone (list, show,
+        verify, export, import, cleanup) goes on while Redis is down.
         """
         redis_url = redis_url or redis_url_from_env()
         durable_url = durable_url or durable_url_from_env()
-        embedded = None
-        runtime = None
-        try:
-            if redis_url is None:
-                embedded = EmbeddedRedis(binary=redis_binary).start()
-                redis_url = embedded.url
+        config = config or CheckpointConfig()
+
+        def connect_runtime() -> tuple[RedisRuntime, EmbeddedRedis | None]:
+            embedded = None
+            url = redis_url
+            try:
+                if url is None:
+                    embedded = EmbeddedRedis(binary=redis_binary).start()
+                    url = embedded.url
+                client = connect(url)
+            except BaseException:
+                if embedded is not None:
+                    embedded.stop()
+                raise
             runtime = RedisRuntime(
-                connect(redis_url),
-                layout=layout,
-                scan_in_script_max_keys=(config or CheckpointConfig()).scan_in_script_max_keys,
+                client, layout=layout, scan_in_script_max_keys=config.scan_in_script_max_keys
             )
+            return runtime, embedded
+
+        if lazy_runtime:
+            return cls(connect_runtime, open_store(durable_url), config=config, layout=layout)
+        runtime, embedded = connect_runtime()
+        try:
             # Redis first: an unreachable server leaves no new database file behind.
             store = open_store(durable_url)
         except BaseException:
-            if runtime is not None:
-                runtime.client.close()
+            runtime.client.close()
             if embedded is not None:
                 embedded.stop()
             raise
@@ -165,7 +201,8 @@ class CheckpointManager:
         """Stop periodic checkpoints, close both tiers, stop an embedded Redis it started."""
         for scheduler in self._schedulers:
             scheduler.stop()
-        self.runtime.client.close()
+        if self._runtime is not None:
+            self._runtime.client.close()
         self.store.close()
         if self._embedded is not None:
             self._embedded.stop()
@@ -504,9 +541,12 @@ class CheckpointManager:
             raise ValidationError("nothing to recover: both runtime and durable tiers are off")
         with self._task_lock(task_id):
             contents, notes = self._choose(task_id, checkpoint_id)
+            self._check_owned(contents)
             restorable, lapsed = self.restorable_state(contents)
             live = self.live_state(task_id)
         keys = diff_keys(live.entries, restorable.entries) if restore_runtime else []
+        if restore_runtime:
+            keys = sorted(keys + ttl_moves(live.entries, restorable.entries), key=lambda c: c.key)
         rows = diff_rows(live.tables, restorable.tables) if restore_durable else []
         return RecoveryPlan(
             contents.meta, StateDiff(keys, rows), lapsed if restore_runtime else [], notes
@@ -551,8 +591,24 @@ class CheckpointManager:
     def import_checkpoint(self, path: str | Path) -> CheckpointMetadata:
         """Add a checkpoint from an export file, verified in full before anything is stored."""
         contents, manifest, stored = read_export(Path(path))
-        validate_task_id(contents.meta.task_id)
+        try:
+            validate_task_id(contents.meta.task_id)
+            validate_checkpoint_id(contents.meta.checkpoint_id)
+        except ValidationError as exc:
+            raise ValidationError(f"export file {path} is not usable here: {exc}") from exc
+        self._check_owned(contents)
         return self.store.import_checkpoint(contents.meta, manifest, stored)
+
+    def _check_owned(self, contents: CheckpointContents) -> None:
+        """Refuse a checkpoint holding keys that are not its task's under this layout."""
+        task = contents.meta.task_id
+        for entry in contents.entries:
+            if self.layout.role_of(task, entry.key) is None:
+                raise ValidationError(
+                    f"checkpoint {contents.meta.checkpoint_id} holds key {entry.key!r}, which "
+                    f"is not a key of task {task} under this key layout (prefix "
+                    f"{self.layout.prefix!r})"
+                )
 
     # -- periodic ----------------------------------------------------------------------------
 

@@ -103,10 +103,13 @@ class SqliteStore:
                 path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
             try:
-                self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-                self._conn.execute("PRAGMA journal_mode = WAL")
+                if self._applied_version() < len(MIGRATIONS):
+                    # Only a new or older database is written to on open; a current one
+                    # is opened without a write lock (readers go on while a writer works).
+                    self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                    self._conn.execute("PRAGMA journal_mode = WAL")
+                    self._migrate()
                 self._conn.execute("PRAGMA synchronous = NORMAL")
-                self._migrate()
             except BaseException:
                 self._conn.close()
                 raise
@@ -169,6 +172,22 @@ class SqliteStore:
             finally:
                 self._depth = 0
                 self._conn.execute("COMMIT")
+
+    def _applied_version(self) -> int:
+        """The schema version, read without taking a write lock (0 for a new database)."""
+        exists = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cfn_schema_migrations'"
+        ).fetchone()
+        if not exists:
+            return 0
+        row = self._conn.execute("SELECT MAX(version) FROM cfn_schema_migrations").fetchone()
+        current = int(row[0] or 0)
+        if current > len(MIGRATIONS):
+            raise StoreUnavailableError(
+                f"{self.path} has schema version {current}, newer than this cfn-checkpoint "
+                f"({len(MIGRATIONS)}); upgrade cfn-checkpoint"
+            )
+        return current
 
     def _migrate(self) -> None:
         with self.atomic() as db:
@@ -293,6 +312,14 @@ class SqliteStore:
     # -- catalog -----------------------------------------------------------------------------
 
     def _metadata(self, row: Sequence[Any]) -> CheckpointMetadata:
+        try:
+            return self._decode_catalog(row)
+        except (TypeError, ValueError, KeyError) as exc:  # JSON, ISO times, enum names
+            raise CorruptCheckpointError(
+                f"catalog row of checkpoint {row[0]!r} is damaged: {exc}"
+            ) from exc
+
+    def _decode_catalog(self, row: Sequence[Any]) -> CheckpointMetadata:
         return CheckpointMetadata(
             checkpoint_id=row[0],
             task_id=row[1],
@@ -304,7 +331,7 @@ class SqliteStore:
             created_at=_parse(row[7]) or utcnow(),
             completed_at=_parse(row[8]),
             error=row[9],
-            metadata=json.loads(row[10]) if row[10] else {},
+            metadata=dict(json.loads(row[10])) if row[10] else {},
             key_count=row[11],
             row_count=row[12],
             raw_bytes=row[13],
@@ -417,7 +444,9 @@ class SqliteStore:
         return done
 
     def _repair(self, db: sqlite3.Connection, digest: str, intact: bytes) -> None:
-        (current,) = db.execute("SELECT data FROM payloads WHERE digest = ?", (digest,)).fetchone()
+        (current,) = db.execute(
+            "SELECT CAST(data AS BLOB) FROM payloads WHERE digest = ?", (digest,)
+        ).fetchone()
         if bytes(current) == intact:
             return
         try:
@@ -478,7 +507,7 @@ class SqliteStore:
             for start in range(0, len(wanted), 500):
                 part = wanted[start : start + 500]
                 rows = self._conn.execute(
-                    "SELECT digest, data FROM payloads WHERE digest IN "
+                    "SELECT digest, CAST(data AS BLOB) FROM payloads WHERE digest IN "
                     f"({', '.join('?' * len(part))})",
                     part,
                 ).fetchall()
@@ -619,7 +648,7 @@ class SqliteStore:
             for start in range(0, len(wanted), 500):
                 part = wanted[start : start + 500]
                 rows = self._conn.execute(
-                    "SELECT digest, raw_size, data FROM payloads WHERE digest IN "
+                    "SELECT digest, raw_size, CAST(data AS BLOB) FROM payloads WHERE digest IN "
                     f"({', '.join('?' * len(part))})",
                     part,
                 ).fetchall()

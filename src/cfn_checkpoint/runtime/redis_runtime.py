@@ -41,9 +41,12 @@ def redis_errors(
 
 def redact_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
-    parsed = urlsplit(url)
-    if parsed.password is None:
-        return url
+    try:
+        parsed = urlsplit(url)
+        if parsed.password is None:
+            return url
+    except ValueError:  # unparseable: say nothing of it that could be a secret
+        return "<unparseable URL>"
     user = parsed.username or ""
     host = parsed.netloc.rsplit("@", 1)[1]
     return urlunsplit(parsed._replace(netloc=f"{user}:***@{host}"))
@@ -51,6 +54,9 @@ def redact_url(url: str) -> str:
 
 def connect(url: str, *, socket_timeout: float = 60.0) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) that fails fast."""
+    redact_url(url)  # fails early, and safely, on an unparseable URL
+    if "://" not in url:
+        raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: no scheme")
     try:
         client = redis.Redis.from_url(
             url,
