@@ -73,12 +73,14 @@ class RuntimeImage:
         """Build the image of captured entries (sorted by key)."""
         keys, rows, digests, expiries = [], [], [], []
         pack = _packer.pack
-        for e in entries:
-            row = pack([e.key, e.type.value, e.value, e.pttl_ms is not None, e.native_type])
-            keys.append(e.key)
+        blake2b = hashlib.blake2b
+        for key, rtype, value, pttl, native in entries:
+            # RedisType is a str: msgpack packs it as its value.
+            row = pack([key, rtype, value, pttl is not None, native])
+            keys.append(key)
             rows.append(row)
-            digests.append(_digest(row))
-            expiries.append(None if e.pttl_ms is None else captured_at_ms + e.pttl_ms)
+            digests.append(blake2b(row, digest_size=16).digest())
+            expiries.append(None if pttl is None else captured_at_ms + pttl)
         return cls(keys, rows, digests, expiries, captured_at_ms)
 
     def runtime_hash(self) -> str:
@@ -271,12 +273,16 @@ def decode_image(payloads: Sequence[Payload]) -> DecodedImage:
     entries: list[RuntimeEntry] = []
     digests: list[bytes] = []
     current: dict[bytes, tuple[bytes, int | None]] = {}
+    append, string = entries.append, RedisType.STRING
     for key in sorted(rows):
         obj, digest = rows[key]
-        entry = _entry_of(obj, expiries.get(key), captured_at)
-        entries.append(entry)
+        expiry = expiries.get(key)
+        if obj[1] == "string" and not obj[3] and obj[4] is None:  # most keys: the fast path
+            append(RuntimeEntry(key, string, obj[2], None, None))
+        else:
+            append(_entry_of(obj, expiry, captured_at))
         digests.append(digest)
-        current[key] = (digest, expiries.get(key))
+        current[key] = (digest, expiry)
     return DecodedImage(entries, captured_at, runtime_hash(digests), frame, current)
 
 

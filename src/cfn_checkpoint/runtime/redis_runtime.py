@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
 import redis
 from redis.commands.core import Script
 
@@ -18,6 +19,8 @@ from . import scripts
 
 #: Redis types read natively; every other type is kept as a DUMP payload.
 _NATIVE = {"string", "list", "hash", "set", "zset"}
+#: Packs restore specs for Redis's cmsgpack, which reads bytes as raw strings, not bin.
+_SPEC_PACKER = msgpack.Packer(use_bin_type=False)
 #: How often capture re-reads when keys appear while it runs.
 _CAPTURE_ATTEMPTS = 3
 
@@ -215,10 +218,15 @@ class RedisRuntime:
     @staticmethod
     def _entries(replies: Iterable[tuple[bytes, Any]]) -> list[RuntimeEntry]:
         entries: list[RuntimeEntry] = []
+        append = entries.append
+        string = RedisType.STRING
         for key, item in replies:
-            type_name = item[0].decode()
-            if type_name != "none":
-                entries.append(_entry(key, type_name, int(item[1]), item[2]))
+            kind = item[0]
+            if kind == b"string":  # most keys: the fast path
+                pttl = item[1]
+                append(RuntimeEntry(key, string, item[2], pttl if pttl >= 0 else None, None))
+            elif kind != b"none":
+                append(_entry(key, kind.decode(), int(item[1]), item[2]))
         return entries
 
     # -- restore -----------------------------------------------------------------------------
@@ -238,8 +246,9 @@ class RedisRuntime:
         Atomic (one Lua script) when the keys involved number at most
         ``atomic_max_keys``; in batches otherwise.
         """
+        prefixes = self.layout.task_prefixes(task_id)
         for entry in entries:
-            if self.layout.role_of(task_id, entry.key) is None:
+            if not entry.key.startswith(prefixes):
                 raise RestoreError(
                     f"checkpoint key {entry.key!r} does not belong to task {task_id}"
                 )
@@ -281,14 +290,21 @@ class RedisRuntime:
         left out because their TTL has run out under the policy."""
         policy = ttl_policy or TtlPolicy()
         elapsed = max(0, self.server_time_ms() - captured_at_ms)
+        lock_prefix = self.layout.task_prefix("lock", task_id)
         writes: list[tuple[RuntimeEntry, int]] = []
         lapsed: list[RuntimeEntry] = []
         for entry in entries:
-            pttl = self._ttl_for(task_id, entry, elapsed, policy)
-            if pttl is not None and pttl <= 0:
+            pttl = entry.pttl_ms
+            if pttl is None:
+                writes.append((entry, -1))
+                continue
+            lock = entry.key.startswith(lock_prefix)
+            if (policy.locks if lock else policy.others) == "absolute":
+                pttl -= elapsed
+            if pttl <= 0:
                 lapsed.append(entry)
             else:
-                writes.append((entry, pttl or -1))
+                writes.append((entry, pttl))
         return writes, lapsed
 
     def _check_dumps(self, task_id: str, entries: Sequence[RuntimeEntry]) -> None:
@@ -316,15 +332,6 @@ class RedisRuntime:
                 with redis_errors("checking a DUMP payload"):
                     self.client.delete(scratch)
 
-    def _ttl_for(
-        self, task_id: str, entry: RuntimeEntry, elapsed: int, policy: TtlPolicy
-    ) -> int | None:
-        if entry.pttl_ms is None:
-            return None
-        role = self.layout.role_of(task_id, entry.key)
-        mode = policy.locks if role == "lock" else policy.others
-        return entry.pttl_ms - elapsed if mode == "absolute" else entry.pttl_ms
-
     def _write(
         self,
         stale: Sequence[bytes],
@@ -333,13 +340,9 @@ class RedisRuntime:
         scan_task: str | None = None,
     ) -> tuple[int, int]:
         keys: list[bytes] = list(stale)
-        args: list[Any] = [len(stale), 0]
-        for entry, pttl in writes:
-            keys.append(entry.key)
-            items = _items(entry)
-            args.extend((entry.type.value, pttl, len(items)))
-            args.extend(items)
-        args[1] = len(args) - 2
+        keys.extend(entry.key for entry, _ in writes)
+        specs = [[entry.type.value, pttl, _items(entry)] for entry, pttl in writes]
+        args: list[Any] = [len(stale), _SPEC_PACKER.pack(specs)]
         if scan_task is not None:
             args.extend((self.layout.scan_pattern(scan_task), self.scan_count))
             args.extend(self.layout.task_prefixes(scan_task))

@@ -115,20 +115,21 @@ return out
 
 #: Replace a task's keys atomically.
 #: KEYS: first the keys to delete (``ndelete`` of them), then the keys to write.
-#: ARGV: ``ndelete, nargs, type, pttl, n, item1 .. itemN, ... (nargs values in all),
-#: [pattern, scan_count, prefix1, prefix2, ...]``. Per key to write: type is
-#: string|list|hash|set|zset|dump, pttl the TTL to set in ms (<= 0: none), and the items
-#: are the value (string, dump), the elements (list, set), field, value, ... (hash) or
-#: score, member, ... (zset). When a pattern follows, every key of the task found by an
-#: in-script SCAN is deleted first too, so a key created since the caller looked is gone.
-#: Items are sent 1000 at a time (an even number, so pairs stay whole) to stay below
-#: Lua's unpack limit.
+#: ARGV: ``ndelete, specs, [pattern, scan_count, prefix1, prefix2, ...]``. ``specs`` is one
+#: msgpack array (bytes as raw strings), one ``[type, pttl, items]`` per key to write, in
+#: KEYS order: type is string|list|hash|set|zset|dump, pttl the TTL to set in ms (<= 0:
+#: none), and items the value (string, dump), the elements (list, set), field, value, ...
+#: (hash) or score, member, ... (zset). One blob instead of an argument per item keeps the
+#: client from building and the server from parsing a huge command. When a pattern
+#: follows, every key of the task an in-script SCAN finds is deleted first too, so a key
+#: created since the caller looked is gone. Items go 1000 at a time (an even number, so
+#: pairs stay whole) to stay below Lua's unpack limit.
 #: Returns ``{keys written, keys deleted that were not rewritten}``.
 RESTORE = (
     _TASK_KEYS
     + r"""
 local ndel = tonumber(ARGV[1])
-local nargs = tonumber(ARGV[2])
+local specs = cmsgpack.unpack(ARGV[2])
 local writing = {}
 for i = ndel + 1, #KEYS do
   writing[KEYS[i]] = true
@@ -142,35 +143,31 @@ end
 for i = 1, ndel do
   drop(KEYS[i])
 end
-if #ARGV > nargs + 2 then
-  for _, key in ipairs(task_keys(ARGV[nargs + 3], ARGV[nargs + 4], nargs + 5)) do
+if #ARGV > 2 then
+  for _, key in ipairs(task_keys(ARGV[3], ARGV[4], 5)) do
     drop(key)
   end
 end
 local commands = {list = 'RPUSH', set = 'SADD', hash = 'HSET', zset = 'ZADD'}
-local a = 3
 for i = ndel + 1, #KEYS do
   local key = KEYS[i]
-  local ty = ARGV[a]
-  local pttl = tonumber(ARGV[a + 1])
-  local n = tonumber(ARGV[a + 2])
-  a = a + 3
+  local spec = specs[i - ndel]
+  local ty, pttl, items = spec[1], spec[2], spec[3]
   redis.call('DEL', key)
   if ty == 'string' then
-    redis.call('SET', key, ARGV[a])
+    redis.call('SET', key, items[1])
   elseif ty == 'dump' then
-    redis.call('RESTORE', key, 0, ARGV[a], 'REPLACE')
+    redis.call('RESTORE', key, 0, items[1], 'REPLACE')
   else
     local cmd = commands[ty]
-    local j = a
-    local last = a + n - 1
+    local j = 1
+    local last = #items
     while j <= last do
       local k = math.min(j + 999, last)
-      redis.call(cmd, key, unpack(ARGV, j, k))
+      redis.call(cmd, key, unpack(items, j, k))
       j = k + 1
     end
   end
-  a = a + n
   if pttl > 0 then
     redis.call('PEXPIRE', key, pttl)
   end
