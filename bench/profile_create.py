@@ -1,0 +1,55 @@
+"""Where a create spends its time: cProfile of one create_checkpoint (default N = 10,000).
+
+    python bench/profile_create.py [-n 10000] [--top 10] [--sort cumulative|tottime]
+
+(Not named ``profile.py``: that would shadow the standard library module cProfile uses.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+
+import redis
+import workload
+from run import pin
+
+from cfn_checkpoint import CheckpointManager, EmbeddedRedis
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("-n", type=int, default=10_000)
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--sort", default="cumulative", choices=("cumulative", "tottime"))
+    args = parser.parse_args()
+    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-prof-") as tmp:
+        assert server.pid is not None
+        pin(server.pid)  # as run.py does: client and redis-server on one CPU
+        client = redis.Redis.from_url(server.url)
+        workload.populate_redis(client, workload.generate(args.n))
+        with CheckpointManager.open(server.url, f"sqlite:///{tmp}/store.db") as manager:
+            workload.populate_durable(manager.durable, args.n)
+            # Warm up on another task: the Lua scripts get loaded into this fresh server
+            # (the first call of each is refused with NOSCRIPT and sent again).
+            manager.writer("warm-up").put_agent("a", {"warm": True})
+            manager.create_checkpoint("warm-up")
+            profiler = cProfile.Profile()
+            start = time.perf_counter()
+            profiler.enable()
+            meta = manager.create_checkpoint(workload.TASK_ID)
+            profiler.disable()
+            elapsed = time.perf_counter() - start
+        client.close()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats(args.sort).print_stats(args.top)
+    print(f"create of {meta.key_count:,} keys: {elapsed * 1000:.0f} ms under cProfile")
+    print(stream.getvalue())
+
+
+if __name__ == "__main__":
+    main()
