@@ -86,6 +86,34 @@ class Cli:
             check=False,
         )
 
+    def run_bytes(
+        self, *args: str | bytes, stdin: bytes = b"", json_mode: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Like :meth:`run`, with arguments that may be any bytes (as a shell passes
+        them), ``stdin`` fed in, and stdout and stderr as bytes."""
+        base: list[str | bytes] = [sys.executable, "-m", "cfn_checkpoint.cli"]
+        return subprocess.run(
+            base + list(self.argv(json_mode=json_mode)) + list(args),
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+            env=clean_environ(),
+            check=False,
+        )
+
+    def into_head(self, *args: str, json_mode: bool = False) -> subprocess.CompletedProcess[str]:
+        """``cfn-checkpoint ARGS | head -1`` in a shell: stdout is head's, stderr and the
+        exit code are the command's."""
+        argv = [sys.executable, "-m", "cfn_checkpoint.cli", *self.argv(*args, json_mode=json_mode)]
+        return subprocess.run(
+            ["bash", "-c", '"$@" | head -1; exit "${PIPESTATUS[0]}"', "bash", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_environ(),
+            check=False,
+        )
+
 
 def assert_one_line_error(result: Result, code: int, *words: str) -> None:
     """The command failed with ``code`` and exactly one ``error:`` line naming ``words``."""

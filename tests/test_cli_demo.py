@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -117,6 +118,44 @@ def test_a_differing_state_fails_the_demo() -> None:
     assert re.search(r"- agent_metrics row \d+: missing", result.stdout)
     assert re.search(r"^\s+runtime\s+swarm\s+(\d+)\s+\1\s+OK\b", result.stdout, re.M)
     assert result.stderr == "error: the recovered state differs from the last checkpoint\n"
+
+
+def test_demo_json_is_one_document() -> None:
+    done = run_cli("--json", "demo")
+    assert (done.returncode, done.stderr) == (0, "")
+    report = json.loads(done.stdout)  # the whole of stdout: one JSON document
+    assert report["ok"] is True and report["problems"] == []
+    checks = {(c["tier"], c["name"]): c for c in report["checks"]}
+    for name in NAMESPACES:
+        check = checks["runtime", name]
+        assert check["ok"] is True and check["expected"] == check["restored"] > 0, check
+    for name in TABLES:
+        assert checks["durable", name]["ok"] is True, checks["durable", name]
+    assert checks["runtime", "lock"]["note"] == "1 expired, absent as expected"
+    assert [(m["status"], m["metadata"]["iteration"]) for m in report["checkpoints"]] == [
+        ("recovered", 3),
+        ("completed", 2),
+        ("completed", 1),
+    ]
+    assert report["recovery"]["success"] is True
+    assert report["recovery"]["checkpoint_id"] == report["checkpoints"][0]["checkpoint_id"]
+
+
+def test_demo_json_reports_a_difference_and_fails() -> None:
+    result = CliRunner().invoke(cli, ["demo", "--tamper", "--json", "-v"], env=CLEAN_ENV)
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    agent = next(c for c in report["checks"] if (c["tier"], c["name"]) == ("runtime", "agent"))
+    assert (agent["ok"], agent["expected"], agent["restored"]) == (False, 4, 4)
+    assert agent["problems"] == ["agent:cfn-demo:coder: value differs"]
+    metrics = next(c for c in report["checks"] if c["name"] == "agent_metrics")
+    assert (metrics["ok"], metrics["expected"], metrics["restored"]) == (False, 12, 11)
+    # -v: the steps on stderr, then the one error line.
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("redis:    embedded redis-server")
+    assert any(line.startswith("iteration 3: ") for line in lines)
+    assert lines[-1] == "error: the recovered state differs from the last checkpoint"
 
 
 @pytest.mark.parametrize("how", ["demo-option", "global-option", "environment"])

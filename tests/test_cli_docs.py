@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cfn_checkpoint._cli_docs import WIDTH, documented_commands, render_docs
-from cfn_checkpoint.cli import EXIT_CODE_MEANINGS, cli, exit_code_for
+from cfn_checkpoint.cli import EXIT_CODE_MEANINGS, EXIT_STDOUT_CLOSED, cli, exit_code_for
 from cfn_checkpoint.errors import CheckpointError, ErrorCode
 
 from cli_support import CLEAN_ENV, clean_environ
@@ -66,7 +66,7 @@ def test_each_section_is_the_command_help(name: str) -> None:
     assert result.stdout.rstrip() == section(name)
 
 
-@pytest.mark.parametrize("name", [c for c in COMMANDS if c != "demo"])
+@pytest.mark.parametrize("name", COMMANDS)
 def test_each_command_documents_its_json(name: str) -> None:
     assert "--json: " in section(name)
 
@@ -74,9 +74,21 @@ def test_each_command_documents_its_json(name: str) -> None:
 def test_exit_codes_are_documented() -> None:
     text = DOCS.read_text()
     documented = {code for code, _ in EXIT_CODE_MEANINGS}
-    assert documented == {0, 1, 2, 3, 4}
+    assert documented == {0, 1, 2, 3, 4, EXIT_STDOUT_CLOSED}
     for error_code in ErrorCode:
         assert exit_code_for(CheckpointError("x", code=error_code)) in documented
     for code, meaning in EXIT_CODE_MEANINGS:
         assert f"| {code} | {meaning} |" in text
     assert "Exit codes: 0 success" in section("")
+    assert f"{EXIT_STDOUT_CLOSED} stdout closed early" in " ".join(section("").split())
+
+
+def test_the_docs_explain_scores_pipes_and_options_after_the_command() -> None:
+    text = " ".join(DOCS.read_text().split())
+    scores = 'A sorted-set score is a string, exactly as Redis gives it (`"1.5"`, `"inf"`'
+    assert scores in text
+    assert "`--json` and `-v` may also follow it" in text
+    assert "exit code 141" in text and "`import -` reads one from stdin" in text
+    for name in COMMANDS:
+        assert re.search(r"^  --json\s+Print JSON", section(name), re.M), name
+        assert re.search(r"^  -v, --verbose\s+", section(name), re.M), name

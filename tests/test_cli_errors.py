@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,26 @@ def check(cmd: Cli, args: list[str], code: int, *words: str) -> None:
         (["create", "t1", "--meta", "=x"], 2, "'=x' has an empty key"),
         (["create", "t1", "--meta", "k:={bad"], 2, "'{bad' is not valid JSON"),
         (["create", "t1", "--meta", "k=1", "--meta", "k=2"], 2, "key 'k' given twice"),
+        # --meta that is not UTF-8 text (undecodable argv bytes arrive as surrogates)
+        (["create", "t1", "--meta", "k=\udc80"], 2, "b'k=\\x80': the value is not UTF-8"),
+        (["create", "t1", "--meta", "\udcff=v"], 2, "b'\\xff=v': the key is not UTF-8"),
+        (["create", "t1", "--meta", 'k:="\\udc80"'], 2, "a string in the JSON value is not"),
+        (["create", "t1", "--meta", 'k:={"\\ud800": 1}'], 2, "a string in the JSON value"),
+        (["create", "t1", "--meta", "k:=NaN"], 2, "'NaN' is not valid JSON"),
+        (["create", "t1", "--meta", "k:=[1e999]"], 2, "a number in the JSON value is not finite"),
         # invalid durations
         (["cleanup", "--older-than", "7x"], 2, "'7x' is not a duration (use a number and a unit"),
         (["cleanup", "--older-than", "d7"], 2, "'d7' is not a duration"),
         (["cleanup", "--older-than", ""], 2, "'' is not a duration"),
         (["cleanup", "--older-than", "7d", "--dry-run", "--older-than", "1.5.3h"], 2, "1.5.3h"),
+        # durations too long to mean anything (they used to overflow)
+        (["cleanup", "--older-than", "99999999d"], 2, "'99999999d' is too long: at most 36500d"),
+        (["cleanup", "--older-than", "36500d1ms"], 2, "is too long: at most 36500d (100 years)"),
+        (["cleanup", "--older-than", "9" * 400 + "s"], 2, "is too long"),
+        (["watch", "--interval", "99999999d"], 2, "'99999999d' is too long"),
+        (["watch", "--retention", "99999999d"], 2, "'99999999d' is too long"),
+        # an unknown task is not found, as everywhere else
+        (["verify", "--all", "--task", "nosuch"], 3, "unknown task 'nosuch'"),
     ],
 )
 def test_bad_input(cmd: Cli, ready: str, args: list[str], code: int, words: str) -> None:
@@ -143,3 +159,27 @@ def test_verbose_adds_the_traceback(cmd: Cli, ready: str) -> None:
     assert lines[0].startswith("redis: ") and "key prefix" in lines[0]
     assert lines[1] == "Traceback (most recent call last):"
     assert lines[-1] == "error: no checkpoint with id 'cp_nosuch'"
+
+
+def test_meta_of_undecodable_bytes_through_the_entry_point(
+    cmd: Cli, ready: str, tmp_path: Path
+) -> None:
+    before = state(cmd)
+    for meta in (b"note=\x80\xff", b"\xfe=v", b'k:="\xff"'):
+        done = cmd.run_bytes("create", "t1", "--meta", meta)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: Invalid value for '--meta'")
+        assert "not UTF-8" in lines[0] and done.stdout == b""
+    assert state(cmd) == before
+    # What is accepted can be exported.
+    done = cmd.run_bytes("create", "t1", "--meta", "note=\u00e9t\u00e9".encode(), json_mode=True)
+    assert done.returncode == 0, done.stderr
+    cp = json.loads(done.stdout)["checkpoint"]["checkpoint_id"]
+    cmd("export", cp, "-o", str(tmp_path / "t1.cfnckpt"))
+
+
+def test_longest_durations_are_usable(cmd: Cli, ready: str) -> None:
+    out = cmd("cleanup", "--older-than", "36500d", "--dry-run").stdout
+    assert out.startswith("would remove 0 checkpoints older than 5214w 2d and 0 payloads")
+    assert cmd.json("cleanup", "--older-than", "5214w2d")["older_than_seconds"] == 36_500 * 86_400

@@ -85,7 +85,7 @@ def test_list_table_shows_sizes_and_dedup(
     for line, meta in zip(lines[1:], metas, strict=True):
         cells = line.split()
         ratio = max(0.0, 1 - meta["stored_bytes"] / meta["raw_bytes"])
-        assert meta["dedup_ratio"] == round(ratio, 4)
+        assert meta["dedup_ratio"] == ratio  # exact
         assert cells[:4] == [meta["checkpoint_id"], meta["task_id"], "manual", "completed"]
         assert re.fullmatch(r"\d+s", cells[4]), cells
         assert cells[5:7] == [str(meta["key_count"]), str(meta["row_count"])]

@@ -255,6 +255,6 @@ def test_cleanup(cmd: Cli, manager: CheckpointManager, json_mode: bool) -> None:
     assert checkpoint_ids(cmd) == [d, c, b]
     assert cmd.json("cleanup")["checkpoint_ids"] == []  # default: older than 7 days
     assert cmd("cleanup", "--older-than", "1h30m").stdout.startswith(
-        "removed 0 checkpoints older than 1h30m and 0 payloads"
+        "removed 0 checkpoints older than 1h 30m and 0 payloads"
     )
     assert cmd.json("verify", "--all")["corrupt"] == 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -217,3 +219,115 @@ def test_export_of_an_unknown_checkpoint(
     result = cmd("export", exported[0], "-o", str(tmp_path / "no" / "dir.cfnckpt"), code=2)
     assert_one_line_error(result, 2, "cannot write export file")
     assert_one_line_error(cmd("import", str(tmp_path / "missing"), code=2), 2, "does not exist")
+
+
+# -- stdout and stdin ------------------------------------------------------------------------
+
+
+def test_export_to_stdout_import_from_stdin(
+    cmd: Cli, exported: tuple[str, bytes], tmp_path: Path
+) -> None:
+    cp, blob = exported
+    # The file alone on stdout (the same bytes as a file export), the summary on stderr.
+    done = cmd.run_bytes("export", cp, "-o", "-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == blob
+    assert done.stderr.decode().startswith(f"exported checkpoint {cp} of task t1 to stdout (")
+    assert not (Path.cwd() / "-").exists()
+    done = cmd.run_bytes("export", cp, "-o", "-", json_mode=True)
+    assert done.returncode == 0 and done.stdout == blob
+    assert json.loads(done.stderr) == {
+        "checkpoint_id": cp, "task_id": "t1", "path": "-", "bytes": len(blob),
+    }  # fmt: skip
+    # Into another store, from stdin.
+    fresh = Cli(cmd.redis_url, f"sqlite:///{tmp_path / 'fresh.db'}", cmd.prefix)
+    done = fresh.run_bytes("import", "-", stdin=done.stdout, json_mode=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["checkpoint_id"] == cp
+    assert fresh.json("verify", cp)["corrupt"] == 0
+    again = fresh.run_bytes("import", "-", stdin=blob)
+    assert (again.returncode, again.stderr) == (
+        2,
+        f"error: checkpoint {cp} already exists here\n".encode(),
+    )
+
+
+def test_export_pipes_straight_into_import(
+    cmd: Cli, exported: tuple[str, bytes], tmp_path: Path
+) -> None:
+    cp, _ = exported
+    fresh = Cli(cmd.redis_url, f"sqlite:///{tmp_path / 'fresh.db'}", cmd.prefix)
+    cli_ = [sys.executable, "-m", "cfn_checkpoint.cli"]
+    source = [*cli_, *cmd.argv("export", cp, "-o", "-")]
+    target = [*cli_, *fresh.argv("import", "-")]
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {shlex.join(source)} | {shlex.join(target)}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environ(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"imported checkpoint {cp} of task t1: ")
+    assert checkpoint_ids(fresh) == [cp]
+
+
+@pytest.mark.parametrize(
+    ("how", "code", "words"),
+    [
+        ("truncated", 4, "export file stdin is truncated or altered"),
+        ("tampered", 4, "export file stdin is truncated or altered"),
+        ("not-an-export", 2, "stdin is not a cfn-checkpoint export file"),
+        ("empty", 2, "stdin is not a cfn-checkpoint export file"),
+    ],
+)
+def test_import_from_stdin_refuses_a_damaged_file(
+    cmd: Cli, exported: tuple[str, bytes], tmp_path: Path, how: str, code: int, words: str
+) -> None:
+    _, blob = exported
+    data = b"" if how == "empty" else damaged(blob, how)
+    fresh = Cli(cmd.redis_url, f"sqlite:///{tmp_path / 'new.db'}", cmd.prefix)
+    before = state(cmd)
+    for target in (cmd, fresh):
+        done = target.run_bytes("import", "-", stdin=data)
+        assert done.returncode == code, done.stderr
+        assert done.stderr.decode() == f"error: {words}\n" and done.stdout == b""
+    assert state(cmd) == before
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_export_file_is_not_written_to_a_terminal(
+    cmd: Cli, exported: tuple[str, bytes], tmp_path: Path
+) -> None:
+    cp, _ = exported
+    master, slave = pty.openpty()
+    try:
+        export = subprocess.run(
+            [sys.executable, "-m", "cfn_checkpoint.cli", *cmd.argv("export", cp, "-o", "-")],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            env=clean_environ(),
+            timeout=60,
+            check=False,
+        )
+        import_ = subprocess.run(
+            [sys.executable, "-m", "cfn_checkpoint.cli", *cmd.argv("import", "-")],
+            stdin=slave,
+            capture_output=True,
+            env=clean_environ(),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert export.returncode == 2
+    assert export.stderr == (
+        b"error: not writing an export file to a terminal: redirect stdout or give -o FILE\n"
+    )
+    assert import_.returncode == 2
+    assert import_.stderr == (
+        b"error: not reading an export file from a terminal: pipe one in or give FILE\n"
+    )

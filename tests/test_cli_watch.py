@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import re
@@ -9,11 +10,16 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
+from cfn_checkpoint._render import Output
+from cfn_checkpoint._watch import Watcher, WatchLog
+from cfn_checkpoint.scheduler import PeriodicOutcome
 
 from cli_support import Cli, assert_one_line_error, clean_environ, write_task
 
@@ -168,7 +174,10 @@ def test_watch_logs_errors_and_keeps_going(db_url: str, prefix: str, watches: li
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
-        (["--interval", "0s"], 2, "must be longer than zero"),
+        (["--interval", "0s"], 2, "'0s' is too short: at least 100ms"),
+        (["--interval", "99ms"], 2, "'99ms' is too short: at least 100ms"),
+        (["--interval", "99999999d"], 2, "'99999999d' is too long: at most 36500d (100 years)"),
+        (["--retention", "36501d"], 2, "'36501d' is too long: at most 36500d"),
         (["--interval", "5 minutes"], 2, "is not a duration"),
         (["--retention", "-1d"], 2, "is not a duration"),
         (["--task", "nosuch"], 3, "unknown task 'nosuch'"),
@@ -181,3 +190,71 @@ def test_watch_refuses_bad_options(
     write_task(manager, "t1", 1)
     assert_one_line_error(cmd("watch", *args, code=code), code, words)
     assert cmd.json("list") == []
+
+
+# -- what a round logs, and when rounds start ------------------------------------------------
+
+
+def test_a_checkpoint_another_process_stored_is_logged_unchanged(
+    manager: CheckpointManager,
+    redis_url: str,
+    db_url: str,
+    layout: KeyLayout,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_task(manager, "t1", 1)
+    mine = Watcher(
+        manager,
+        log=WatchLog(Output(json_mode=True)),
+        interval=timedelta(seconds=1),
+        tasks=["t1"],
+        cleanup=False,
+    )
+    mine.run_once()
+    first = json.loads(capsys.readouterr().out)
+    assert first["event"] == "created"
+    write_task(manager, "t1", 2)
+    # Another watch checkpoints the change while this one looks at the task's newest
+    # checkpoint, and its checkpoint lands just after that look.
+    stale = manager.store.usable_checkpoints("t1")
+    with CheckpointManager.open(redis_url, db_url, layout=layout) as other:
+        theirs = other.create_checkpoint("t1", "periodic")
+    looks = iter([stale])
+    real = manager.store.usable_checkpoints
+    monkeypatch.setattr(manager.store, "usable_checkpoints", lambda t: next(looks, None) or real(t))
+    (outcome,) = mine.run_once()
+    assert outcome.checkpoint is not None
+    assert outcome.checkpoint.checkpoint_id == theirs.checkpoint_id  # the task was unchanged
+    assert stale[0].checkpoint_id != theirs.checkpoint_id  # ids alone would say "created"
+    logged = json.loads(capsys.readouterr().out)
+    assert logged["event"] == "unchanged"
+    assert logged["checkpoint"]["checkpoint_id"] == theirs.checkpoint_id
+    # A change of its own is still logged as created.
+    write_task(manager, "t1", 3)
+    mine.run_once()
+    assert json.loads(capsys.readouterr().out)["event"] == "created"
+
+
+@pytest.mark.parametrize(
+    ("work", "gap"), [(0.15, 0.3), (0.45, 0.6)], ids=["within-interval", "overrun"]
+)
+def test_rounds_start_at_a_fixed_rate(manager: CheckpointManager, work: float, gap: float) -> None:
+    starts: list[float] = []
+
+    class Timed(Watcher):
+        def run_once(self) -> list[PeriodicOutcome]:
+            starts.append(time.monotonic())
+            time.sleep(work)
+            if len(starts) == 4:
+                self.stopping.set()
+            return []
+
+    watcher = Timed(
+        manager, log=WatchLog(Output()), interval=timedelta(milliseconds=300), tasks=["t1"]
+    )
+    watcher.run_forever()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # Not interval + work: the next round starts one interval (or, after an overrun, the
+    # next free slot) after the previous one started.
+    assert all(abs(g - gap) < 0.1 for g in gaps), gaps

@@ -21,18 +21,33 @@ _INTRO = """\
 docs/cli.md`; do not edit by hand. tests/test_cli_docs.py fails when it is out of date. -->
 
 `cfn-checkpoint` inspects, compares, recovers, exports and watches checkpoints of
-multi-agent tasks. Every command takes the global options before its name:
+multi-agent tasks. Every command takes the global options before its name; `--json` and
+`-v` may also follow it (`list --json` is `--json list`):
 
 ```sh
 cfn-checkpoint --redis-url redis://127.0.0.1:6379/0 \\
     --durable-url sqlite:////var/lib/cfn/cfn.db list my-task
 CFN_REDIS_URL=redis://127.0.0.1:6379/0 cfn-checkpoint --json tasks
+cfn-checkpoint list my-task --json
 ```
 
 Errors are one line on stderr, `error: <what was wrong>`, and an exit code; `-v` adds
 the traceback. Progress (a spinner or a bar) appears on stderr only when it is a
-terminal; piped output carries nothing extra. Commands that only read the durable tier
-refuse a SQLite file that does not exist rather than create an empty one.
+terminal; piped output carries nothing extra. When stdout's reader goes away early
+(`cfn-checkpoint list | head -1`), the command stops quietly with exit code 141.
+Commands that only read the durable tier refuse a SQLite file that does not exist rather
+than create an empty one.
+Durations (`300ms`, `30s`, `5m`, `2h`, `7d`, `1w`, `1h 30m`) are at most 100 years
+(`36500d`). `show --value`, `diff` and `recover --dry-run` print at most 4 KiB of each value in text
+(`--max-bytes`), ending a longer one with `… (truncated, N bytes in all)`.
+
+`export CHECKPOINT -o -` writes the export file to stdout and `import -` reads one from
+stdin, so a checkpoint can move between stores in one pipeline:
+
+```sh
+cfn-checkpoint --durable-url sqlite:////a.db export CP -o - \\
+    | ssh other-host cfn-checkpoint --durable-url sqlite:////b.db import -
+```
 """
 
 _JSON = """\
@@ -53,7 +68,12 @@ UTF-8 and `{"base64": "..."}` when not.
   `dedup_ratio` = max(0, 1 - stored_bytes / raw_bytes).
 - **KEY**: `{"key", "type", "ttl_ms", "size", "value"}`; `value` is a string for
   strings and DUMP payloads (streams and module types), a list for lists and sets,
-  and `[field, value]` (hashes) or `[member, score]` (sorted sets) pairs.
+  and `[field, value]` (hashes) or `[member, score]` (sorted sets) pairs. A sorted-set
+  score is a string, exactly as Redis gives it (`"1.5"`, `"inf"`, `"-inf"`): exact, and
+  JSON has no infinity. With `--max-bytes N` a value longer than N bytes is cut (a
+  string to its first N bytes, a collection to its first elements that fit) and the
+  KEY gets `"truncated": true`; a changed row in a DIFF gets `"truncated": [column,
+  ...]`, naming the columns whose text or bytes were cut.
 - **ROW**: `{column: value}` of one durable row.
 - **DIFF**: `{"empty", "counts", "keys", "rows"}` as `diff` prints it.
 """

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 from rich.console import Console
@@ -32,12 +33,14 @@ _SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
 def human_size(n: int) -> str:
-    """``512 B``, ``1.2 KiB``, ``3.4 MiB`` ..."""
+    """``512 B``, ``1.2 KiB``, ``3.4 MiB`` ... (1048575 is ``1.0 MiB``, not ``1024.0 KiB``)."""
+    if abs(n) < 1024:
+        return f"{n} B"
     size = float(n)
-    for unit in _SIZE_UNITS:
-        if abs(size) < 1024 or unit == _SIZE_UNITS[-1]:
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in _SIZE_UNITS[1:]:
         size /= 1024
+        if abs(round(size, 1)) < 1024 or unit == _SIZE_UNITS[-1]:
+            return f"{size:.1f} {unit}"
     raise AssertionError("unreachable")
 
 
@@ -65,8 +68,21 @@ def count(n: int, noun: str) -> str:
 
 
 def percent(ratio: float) -> str:
-    """``0.934`` -> ``93%``."""
-    return f"{ratio * 100:.0f}%"
+    """``0.934`` -> ``93%``; never ``100%`` below 1 (``0.9996`` -> ``99.9%``)."""
+    value = ratio * 100
+    if ratio < 1 and round(value) >= 100:
+        return f"{min(math.floor(value * 10) / 10, 99.9):.1f}%"
+    return f"{value:.0f}%"
+
+
+def dedup_percent(stored: int, raw: int) -> str:
+    """The share of ``raw`` bytes not stored, for tables: ``100%`` only when nothing was
+    stored, ``99.9%`` at most otherwise, ``0%`` when everything (or more) was."""
+    if raw <= 0 or stored >= raw:
+        return "0%"
+    if stored <= 0:
+        return "100%"
+    return percent(min((raw - stored) / raw, math.nextafter(1.0, 0.0)))
 
 
 def printable(text: str) -> str:
@@ -130,7 +146,92 @@ def pretty_text(raw: bytes) -> str:
     return printable(json.dumps(parsed, indent=2, sort_keys=True, ensure_ascii=False))
 
 
-# -- the output channel ------------------------------------------------------------------------
+#: Strings longer than this are shown from their first bytes, not parsed as JSON first.
+PRETTY_LIMIT = 1 << 20
+
+
+def truncation_note(total: int) -> str:
+    """The line that ends a value cut short: ``… (truncated, N bytes in all)``."""
+    return f"\u2026 (truncated, {total} bytes in all)"
+
+
+def utf8_prefix(raw: bytes) -> str | None:
+    """``raw`` (the start of something longer) as text, dropping a character cut in
+    two at its end; ``None`` when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(raw) - 3 or exc.reason != "unexpected end of data":
+            return None
+        return raw[: exc.start].decode("utf-8", errors="strict")
+
+
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """The longest start of ``text`` that is at most ``max_bytes`` UTF-8 bytes."""
+    raw = text.encode("utf-8", errors="surrogatepass")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def cap_lines(
+    lines: Iterable[str], max_bytes: int | None, total: int, *, cut: bool = False
+) -> tuple[list[str], bool]:
+    """``lines`` up to ``max_bytes`` bytes of text (UTF-8, with a newline between two
+    lines counting one; the line that crosses the limit is cut), then
+    :func:`truncation_note` of ``total`` bytes. ``cut``: the lines are already the start
+    of something longer. Returns the lines and whether anything was left out.
+    ``max_bytes`` ``None``: no limit."""
+    out: list[str] = []
+    if max_bytes is None:
+        out.extend(lines)
+        return out, False
+    budget = max_bytes
+    truncated = cut
+    for line in lines:
+        size = len(line.encode("utf-8", errors="surrogatepass")) + (1 if out else 0)
+        if size <= budget:
+            out.append(line)
+            budget -= size
+            continue
+        if out:
+            budget -= 1  # the newline before the cut line
+        if budget > 0:
+            out.append(cut_utf8(line, budget))
+        truncated = True
+        break
+    if truncated:
+        out.append(truncation_note(total))
+    return out, truncated
+
+
+#: Longer text is written in pieces of this many characters (see :func:`echo_long`).
+_PIECE = 1 << 16
+
+
+def echo_long(text: str, *, err: bool = False) -> None:
+    """``click.echo(text)``, in pieces when ``text`` is long, then the newline on its own.
+
+    One big write into a pipe whose reader has gone can come back cut short without an
+    error, and the rest of the text would be lost unnoticed; every write after it fails
+    with ``BrokenPipeError``, which the command turns into a quiet exit.
+    """
+    if len(text) <= _PIECE:
+        click.echo(text, err=err)
+        return
+    for start in range(0, len(text), _PIECE):
+        click.echo(text[start : start + _PIECE], nl=False, err=err)
+    click.echo("", err=err)
+
+
+def write_binary(source: BinaryIO, target: BinaryIO) -> None:
+    """Copy ``source`` to ``target`` (stdout) in pieces, raising ``BrokenPipeError`` when a
+    piece is not written whole (the reader went away)."""
+    while piece := source.read(_PIECE):
+        written = target.write(piece)
+        if written is not None and written < len(piece):
+            raise BrokenPipeError(errno.EPIPE, "stdout closed before everything was written")
+    target.flush()
 
 
 class Output:
@@ -142,17 +243,18 @@ class Output:
         self.console = Console(markup=False, highlight=False, emoji=False, width=_TABLE_WIDTH)
         self.err_console = Console(stderr=True, markup=False, highlight=False, emoji=False)
 
-    def json(self, data: Any) -> None:
-        """Print ``data`` as JSON (ASCII only, so any terminal or pipe can carry it)."""
-        click.echo(json.dumps(data, indent=2, ensure_ascii=True))
+    def json(self, data: Any, *, err: bool = False) -> None:
+        """Print ``data`` as JSON (ASCII only, so any terminal or pipe can carry it); on
+        stderr with ``err`` (when stdout carries something else)."""
+        echo_long(json.dumps(data, indent=2, ensure_ascii=True), err=err)
 
     def json_line(self, data: Any) -> None:
         """Print ``data`` as one line of JSON (for streams such as ``watch``)."""
-        click.echo(json.dumps(data, ensure_ascii=True, separators=(",", ":")))
+        echo_long(json.dumps(data, ensure_ascii=True, separators=(",", ":")))
 
     def line(self, text: str = "") -> None:
         """One line of human-readable output."""
-        click.echo(text)
+        echo_long(text)
 
     def note(self, text: str) -> None:
         """A remark on stderr, for people: it never mixes with JSON on stdout."""
@@ -196,7 +298,10 @@ class Output:
                 colour = "red"
             elif text.startswith("@@"):
                 colour = "cyan"
-            click.secho(text, fg=colour)
+            if len(text) > _PIECE:
+                echo_long(text)
+            else:
+                click.secho(text, fg=colour)
 
     @contextlib.contextmanager
     def busy(self, message: str) -> Iterator[None]:

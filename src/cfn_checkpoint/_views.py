@@ -10,21 +10,26 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from ._render import (
+    PRETTY_LIMIT,
     bytes_json,
+    cap_lines,
     count,
+    cut_utf8,
+    dedup_percent,
     human_age,
     human_size,
     one_line,
-    percent,
     plain_json,
     pretty_text,
+    printable,
     seconds_since,
     show_bytes,
+    utf8_prefix,
 )
 from .diff import Change, KeyChange, RecoveryPlan, RowChange, StateDiff
 from .errors import CorruptCheckpointError
@@ -62,12 +67,17 @@ def dedup_ratio(meta: CheckpointMetadata) -> float:
     return max(0.0, 1 - meta.stored_bytes / meta.raw_bytes)
 
 
+def dedup_text(meta: CheckpointMetadata) -> str:
+    """:func:`dedup_ratio` for a table: ``100%`` only when the checkpoint stored nothing."""
+    return dedup_percent(meta.stored_bytes, meta.raw_bytes)
+
+
 def checkpoint_json(meta: CheckpointMetadata, now: datetime | None = None) -> dict[str, Any]:
-    """A catalog row as JSON, with ``age_seconds`` and ``dedup_ratio`` added."""
+    """A catalog row as JSON, with ``age_seconds`` and ``dedup_ratio`` (exact) added."""
     out = plain_json(metadata_to_dict(meta))
     assert isinstance(out, dict)
     out["age_seconds"] = round(seconds_since(meta.created_at, now), 3)
-    out["dedup_ratio"] = round(dedup_ratio(meta), 4)
+    out["dedup_ratio"] = dedup_ratio(meta)
     return out
 
 
@@ -82,7 +92,7 @@ def checkpoint_row(meta: CheckpointMetadata, now: datetime | None = None) -> lis
         str(meta.key_count),
         str(meta.row_count),
         human_size(meta.stored_bytes),
-        percent(dedup_ratio(meta)),
+        dedup_text(meta),
     ]
 
 
@@ -112,7 +122,7 @@ def checkpoint_fields(meta: CheckpointMetadata, now: datetime | None = None) -> 
         [
             "size",
             f"{human_size(meta.raw_bytes)} encoded, {human_size(meta.stored_bytes)} stored "
-            f"(dedup {percent(dedup_ratio(meta))})",
+            f"(dedup {dedup_text(meta)})",
         ],
         ["redis", meta.redis_version or "-"],
         ["format", str(meta.format_version)],
@@ -180,14 +190,16 @@ def recovery_line(result: RecoveryResult) -> str:
     )
 
 
-def plan_json(plan: RecoveryPlan, task_id: str, tiers: Sequence[str]) -> dict[str, Any]:
-    """A recovery dry run as JSON."""
+def plan_json(
+    plan: RecoveryPlan, task_id: str, tiers: Sequence[str], max_bytes: int | None = None
+) -> dict[str, Any]:
+    """A recovery dry run as JSON (values cut to ``max_bytes``)."""
     return {
         "dry_run": True,
         "task_id": task_id,
         "checkpoint": checkpoint_json(plan.checkpoint),
         "tiers": list(tiers),
-        "changes": diff_json(plan.changes),
+        "changes": diff_json(plan.changes, max_bytes),
         "expired_keys": [bytes_json(k) for k in plan.expired_keys],
         "notes": list(plan.notes),
     }
@@ -231,17 +243,46 @@ def entry_size(entry: RuntimeEntry) -> int:
     return sum(len(item) for item in entry.value)
 
 
-def value_json(entry: RuntimeEntry) -> Any:
-    """A key's value as exact JSON: a string, a list, or ``[field, value]`` pairs."""
+def value_json(entry: RuntimeEntry, max_bytes: int | None = None) -> tuple[Any, bool]:
+    """A key's value as exact JSON (a string, a list, or ``[field, value]`` pairs), and
+    whether it was cut: with ``max_bytes``, a string keeps its first ``max_bytes`` bytes
+    (whole characters when it is UTF-8) and a collection its first elements that fit."""
     if entry.type in (RedisType.STRING, RedisType.DUMP):
-        return bytes_json(entry.value)
-    if entry.type in (RedisType.HASH, RedisType.ZSET):
-        return [[bytes_json(a), bytes_json(b)] for a, b in entry.value]
-    return [bytes_json(item) for item in entry.value]
+        raw = entry.value
+        if max_bytes is None or len(raw) <= max_bytes:
+            return bytes_json(raw), False
+        head = raw[:max_bytes]
+        text = utf8_prefix(head) if _is_utf8(raw) else None
+        return (bytes_json(head) if text is None else text), True
+    pairs = entry.type in (RedisType.HASH, RedisType.ZSET)
+    out: list[Any] = []
+    budget = max_bytes
+    for element in entry.value:
+        size = len(element[0]) + len(element[1]) if pairs else len(element)
+        if budget is not None:
+            if size > budget:
+                return out, True
+            budget -= size
+        if pairs:
+            out.append([bytes_json(element[0]), bytes_json(element[1])])
+        else:
+            out.append(bytes_json(element))
+    return out, False
 
 
-def entry_json(entry: RuntimeEntry, *, value: bool = True) -> dict[str, Any]:
-    """A key as JSON: key, type, TTL (ms, ``null`` for none), size, and the value."""
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def entry_json(
+    entry: RuntimeEntry, *, value: bool = True, max_bytes: int | None = None
+) -> dict[str, Any]:
+    """A key as JSON: key, type, TTL (ms, ``null`` for none), size, and the value
+    (``"truncated": true`` added when ``max_bytes`` cut it)."""
     out: dict[str, Any] = {
         "key": bytes_json(entry.key),
         "type": entry_type(entry),
@@ -249,7 +290,9 @@ def entry_json(entry: RuntimeEntry, *, value: bool = True) -> dict[str, Any]:
         "size": entry_size(entry),
     }
     if value:
-        out["value"] = value_json(entry)
+        out["value"], truncated = value_json(entry, max_bytes)
+        if truncated:
+            out["truncated"] = True
     return out
 
 
@@ -259,19 +302,38 @@ def entry_row(entry: RuntimeEntry) -> list[str]:
     return [one_line(show_bytes(entry.key)), entry_type(entry), ttl, human_size(entry_size(entry))]
 
 
-def value_lines(entry: RuntimeEntry) -> list[str]:
+def value_view(entry: RuntimeEntry, max_bytes: int | None = None) -> tuple[list[str], bool]:
     """A key's value for reading and for line diffs: JSON strings indented, one line per
-    list item, set member, hash field or sorted-set member."""
+    list item, set member, hash field or sorted-set member; with ``max_bytes``, at most
+    that many bytes of it and then ``… (truncated, N bytes in all)``. Returns the lines
+    and whether the value was cut."""
+    size = entry_size(entry)
     if entry.type is RedisType.STRING:
-        return pretty_text(entry.value).splitlines() or [""]
+        raw = entry.value
+        if max_bytes is None or len(raw) <= max(PRETTY_LIMIT, max_bytes):
+            return cap_lines(pretty_text(raw).splitlines() or [""], max_bytes, size)
+        # Too big to parse for a few bytes of it: its start, as it is.
+        head = raw[: max_bytes + 4]
+        text = utf8_prefix(head)
+        shown = repr(head) if text is None else printable(text)
+        return cap_lines(shown.splitlines(), max_bytes, size, cut=True)
     if entry.type is RedisType.DUMP:
         digest = hashlib.sha256(entry.value).hexdigest()[:12]
-        return [f"<{entry_type(entry)}: DUMP payload, {human_size(len(entry.value))}, {digest}>"]
+        size_text = human_size(len(entry.value))
+        return [f"<{entry_type(entry)}: DUMP payload, {size_text}, {digest}>"], False
+    return cap_lines(_element_lines(entry), max_bytes, size)
+
+
+def _element_lines(entry: RuntimeEntry) -> Iterator[str]:
     if entry.type is RedisType.LIST:
-        return [f"[{i}] {one_line(show_bytes(item))}" for i, item in enumerate(entry.value)]
-    if entry.type is RedisType.SET:
-        return [one_line(show_bytes(member)) for member in entry.value]
-    return [f"{one_line(show_bytes(a))}: {one_line(show_bytes(b))}" for a, b in entry.value]
+        for i, item in enumerate(entry.value):
+            yield f"[{i}] {one_line(show_bytes(item))}"
+    elif entry.type is RedisType.SET:
+        for member in entry.value:
+            yield one_line(show_bytes(member))
+    else:
+        for a, b in entry.value:
+            yield f"{one_line(show_bytes(a))}: {one_line(show_bytes(b))}"
 
 
 def namespace_counts(
@@ -289,11 +351,10 @@ def namespace_counts(
 
 
 def find_entry(
-    layout: KeyLayout, task_id: str, entries: Sequence[RuntimeEntry], name: str
+    layout: KeyLayout, task_id: str, entries: Sequence[RuntimeEntry], raw: bytes
 ) -> list[RuntimeEntry]:
-    """The keys ``name`` may mean: the full key, the key without the layout's prefix, or
+    """The keys ``raw`` may mean: the full key, the key without the layout's prefix, or
     the part after the task's prefix in any namespace (``coder`` for ``agent:t1:coder``)."""
-    raw = name.encode()
     wanted = {raw, layout.prefix.encode() + raw}
     wanted.update(p + raw for p in layout.task_prefixes(task_id))
     exact = [e for e in entries if e.key == raw]
@@ -303,43 +364,68 @@ def find_entry(
 # -- differences -----------------------------------------------------------------------------
 
 
-def _row_dict(columns: Sequence[str], row: Sequence[Any] | None) -> dict[str, Any] | None:
+def _cut_cell(value: Any, max_bytes: int | None) -> tuple[Any, bool]:
+    """A row value with text or bytes longer than ``max_bytes`` cut to that many bytes."""
+    if max_bytes is None:
+        return value, False
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        return (raw[:max_bytes], True) if len(raw) > max_bytes else (raw, False)
+    if isinstance(value, str):
+        cut = cut_utf8(value, max_bytes)
+        return cut, len(cut) < len(value)
+    return value, False
+
+
+def _row_dict(
+    columns: Sequence[str], row: Sequence[Any] | None, max_bytes: int | None, cut: set[str]
+) -> dict[str, Any] | None:
     if row is None:
         return None
-    out = plain_json(dict(zip(columns, row, strict=False)))
+    cells = {}
+    for column, value in zip(columns, row, strict=False):
+        cells[column], truncated = _cut_cell(value, max_bytes)
+        if truncated:
+            cut.add(column)
+    out = plain_json(cells)
     assert isinstance(out, dict)
     return out
 
 
-def key_change_json(change: KeyChange) -> dict[str, Any]:
-    """One changed key as JSON, with both sides in full."""
+def key_change_json(change: KeyChange, max_bytes: int | None = None) -> dict[str, Any]:
+    """One changed key as JSON, with both sides in full (or cut to ``max_bytes``)."""
     return {
         "key": bytes_json(change.key),
         "change": change.change.value,
         "detail": change.detail,
-        "old": None if change.old is None else entry_json(change.old),
-        "new": None if change.new is None else entry_json(change.new),
+        "old": None if change.old is None else entry_json(change.old, max_bytes=max_bytes),
+        "new": None if change.new is None else entry_json(change.new, max_bytes=max_bytes),
     }
 
 
-def row_change_json(change: RowChange) -> dict[str, Any]:
-    """One changed durable row as JSON, with both sides as column -> value objects."""
-    return {
+def row_change_json(change: RowChange, max_bytes: int | None = None) -> dict[str, Any]:
+    """One changed durable row as JSON, with both sides as column -> value objects; with
+    ``max_bytes``, longer text and bytes are cut and ``"truncated"`` names their columns."""
+    cut: set[str] = set()
+    out = {
         "table": change.table,
         "row_id": plain_json(change.row_id),
         "change": change.change.value,
-        "old": _row_dict(change.columns, change.old),
-        "new": _row_dict(change.columns, change.new),
+        "old": _row_dict(change.columns, change.old, max_bytes, cut),
+        "new": _row_dict(change.columns, change.new, max_bytes, cut),
     }
+    if cut:
+        out["truncated"] = [c for c in change.columns if c in cut]
+    return out
 
 
-def diff_json(diff: StateDiff) -> dict[str, Any]:
-    """A :class:`StateDiff` as JSON: counts, keys and rows."""
+def diff_json(diff: StateDiff, max_bytes: int | None = None) -> dict[str, Any]:
+    """A :class:`StateDiff` as JSON: counts, keys and rows (values cut to ``max_bytes``)."""
     return {
         "empty": diff.empty,
         "counts": diff.counts(),
-        "keys": [key_change_json(c) for c in diff.keys],
-        "rows": [row_change_json(c) for c in diff.rows],
+        "keys": [key_change_json(c, max_bytes) for c in diff.keys],
+        "rows": [row_change_json(c, max_bytes) for c in diff.rows],
     }
 
 
@@ -374,13 +460,18 @@ def row_change_row(change: RowChange, verbs: Mapping[Change, str]) -> list[str]:
     ]
 
 
-def _row_lines(columns: Sequence[str], row: Sequence[Any] | None) -> list[str]:
+def _row_lines(
+    columns: Sequence[str], row: Sequence[Any] | None, max_bytes: int | None
+) -> list[str]:
     if row is None:
         return []
-    return [
-        f"{column}: {one_line(json.dumps(plain_json(value), ensure_ascii=False))}"
-        for column, value in zip(columns, row, strict=False)
-    ]
+    lines = []
+    for column, value in zip(columns, row, strict=False):
+        text = one_line(json.dumps(plain_json(value), ensure_ascii=False))
+        size = len(value) if isinstance(value, bytes) else len(text.encode("utf-8"))
+        shown, _ = cap_lines([f"{column}: {text}"], max_bytes, size)
+        lines += shown
+    return lines
 
 
 def unified(old: list[str], new: list[str], old_name: str, new_name: str) -> list[str]:
@@ -391,29 +482,36 @@ def unified(old: list[str], new: list[str], old_name: str, new_name: str) -> lis
     ]
 
 
-def key_value_diff(change: KeyChange, old_label: str, new_label: str) -> list[str]:
-    """The value diff of a changed key; empty when only its TTL presence changed."""
+def key_value_diff(
+    change: KeyChange, old_label: str, new_label: str, max_bytes: int | None = None
+) -> list[str]:
+    """The value diff of a changed key, each side cut to ``max_bytes``; empty when only
+    its TTL presence changed."""
     parts = {p.strip() for p in change.detail.split(",")}
     if change.old is None or change.new is None or not parts & {"value", "type"}:
         return []
     name = one_line(show_bytes(change.key))
-    lines = unified(
-        value_lines(change.old),
-        value_lines(change.new),
-        f"{name} ({old_label})",
-        f"{name} ({new_label})",
-    )
-    return lines or [f"--- {name}: the values differ only in JSON formatting or key order"]
+    old_lines, old_cut = value_view(change.old, max_bytes)
+    new_lines, new_cut = value_view(change.new, max_bytes)
+    lines = unified(old_lines, new_lines, f"{name} ({old_label})", f"{name} ({new_label})")
+    if lines:
+        return lines
+    if old_cut or new_cut:
+        return [f"--- {name}: the values differ after the first {max_bytes} bytes shown"]
+    return [f"--- {name}: the values differ only in JSON formatting or key order"]
 
 
-def row_value_diff(change: RowChange, old_label: str, new_label: str) -> list[str]:
-    """The column-by-column diff of a changed row."""
+def row_value_diff(
+    change: RowChange, old_label: str, new_label: str, max_bytes: int | None = None
+) -> list[str]:
+    """The column-by-column diff of a changed row, each value cut to ``max_bytes``."""
     if change.change is not Change.CHANGED:
         return []
     name = f"{change.table} {one_line(str(change.row_id))}"
-    return unified(
-        _row_lines(change.columns, change.old),
-        _row_lines(change.columns, change.new),
+    lines = unified(
+        _row_lines(change.columns, change.old, max_bytes),
+        _row_lines(change.columns, change.new, max_bytes),
         f"{name} ({old_label})",
         f"{name} ({new_label})",
     )
+    return lines or [f"--- {name}: the values differ after the first {max_bytes} bytes shown"]

@@ -4,8 +4,11 @@ SIGINT or SIGTERM after the checkpoint in flight."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import FrameType
@@ -61,7 +64,14 @@ class WatchLog:
 
 
 class Watcher(PeriodicCheckpointer):
-    """Periodic checkpoints that log each outcome and cleanup, and survive a failing round."""
+    """Periodic checkpoints that log each outcome and cleanup, and survive a failing round.
+
+    Rounds run at a fixed rate: the n-th starts ``n * interval`` after the first, however
+    long each takes; a round that overruns makes the rounds whose start it missed be
+    skipped. A checkpoint counts as created only if it was created after this watch
+    asked for it: when another process checkpointed the task meanwhile, the checkpoint
+    it made is logged ``unchanged`` here.
+    """
 
     def __init__(self, manager: CheckpointManager, *, log: WatchLog, **options: Any) -> None:
         super().__init__(manager, on_outcome=log.outcome, **options)
@@ -77,6 +87,27 @@ class Watcher(PeriodicCheckpointer):
         if self.removed > before:
             self.log.cleanup(self.removed - before)
         return outcomes
+
+    def _checkpoint(self, task: str) -> PeriodicOutcome:
+        asked = datetime.now(UTC)
+        outcome = super()._checkpoint(task)
+        cp = outcome.checkpoint
+        if outcome.created and cp is not None and cp.created_at < asked:
+            # Not ours: another process stored it between our look at the newest
+            # checkpoint and our capture, which found the task unchanged since.
+            return dataclasses.replace(outcome, created=False)
+        return outcome
+
+    def run_forever(self) -> None:
+        """Rounds every ``interval``, at a fixed rate, until stopped; the first at once."""
+        period = self.interval.total_seconds()
+        first = time.monotonic()
+        while not self.stopping.is_set():
+            self.run_once()
+            elapsed = time.monotonic() - first
+            # The next round's start: the first slot still ahead (missed ones skipped).
+            next_start = (math.floor(elapsed / period) + 1) * period
+            self.stopping.wait(next_start - elapsed)
 
 
 @contextlib.contextmanager

@@ -9,9 +9,13 @@ and an exit code (:data:`EXIT_CODES`): 1 failure, 2 usage or validation, 3 not f
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
 import sys
+import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,8 +32,8 @@ from ._render import (
     count,
     human_size,
     one_line,
-    percent,
     show_bytes,
+    write_binary,
 )
 from ._views import (
     CHECKPOINT_COLUMNS,
@@ -37,7 +41,7 @@ from ._views import (
     checkpoint_fields,
     checkpoint_json,
     checkpoint_row,
-    dedup_ratio,
+    dedup_text,
     diff_json,
     entry_json,
     entry_row,
@@ -53,13 +57,13 @@ from ._views import (
     row_value_diff,
     task_json,
     task_row,
-    value_lines,
+    value_view,
     verify_json,
 )
 from ._watch import Watcher, WatchLog, stop_on_signals
 from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents
-from .demo import format_report, run_demo
+from .demo import format_report, report_json, run_demo
 from .diff import Change, StateDiff
 from .durable.sqlite import CleanupResult, sqlite_path_from_url
 from .errors import (
@@ -89,6 +93,8 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 3,
     ErrorCode.CORRUPT: 4,
 }
+#: Exit code when stdout's reader went away before everything was written (128 + SIGPIPE).
+EXIT_STDOUT_CLOSED = 141
 #: Every exit code of the command and what it means (documented in ``docs/cli.md``).
 EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (0, "success"),
@@ -100,7 +106,15 @@ EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (2, "usage or validation: a bad option, argument, URL, duration, task id or file"),
     (3, "not found: an unknown task, checkpoint or key"),
     (4, "corrupt: a stored checkpoint or an export file does not match its hashes"),
+    (
+        141,
+        "stdout closed early (its reader, such as `head`, exited): the output was cut short, "
+        "nothing else went wrong; 128 + SIGPIPE, as shells report it",
+    ),
 )
+#: Bytes of each value ``show --value``, ``diff`` and ``recover --dry-run`` print in text
+#: unless ``--max-bytes`` says otherwise.
+DEFAULT_MAX_BYTES = 4096
 _NO_ARGS_HELP: tuple[type[BaseException], ...] = tuple(
     getattr(click.exceptions, name)
     for name in ("NoArgsIsHelpError",)
@@ -114,9 +128,28 @@ def exit_code_for(error: CheckpointError) -> int:
 
 
 def fail(message: str, exit_code: int = 1) -> NoReturn:
-    """End the command: ``error: <message>`` as one line on stderr, then ``exit_code``."""
-    click.echo(f"error: {' '.join(message.split())}", err=True)
+    """End the command: ``error: <message>`` as one line on stderr (control characters
+    and undecodable bytes escaped), then ``exit_code``."""
+    click.echo(f"error: {one_line(' '.join(message.split()))}", err=True)
     raise click.exceptions.Exit(exit_code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing more (not even the flush at exit)
+    fails on a pipe whose reader has gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test runner's stdout)
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _stdout_closed() -> NoReturn:
+    """End the command quietly after stdout's reader went away (``... | head -1``)."""
+    _silence_stdout()
+    raise click.exceptions.Exit(EXIT_STDOUT_CLOSED)
 
 
 def _usage_fail(exc: click.ClickException) -> NoReturn:
@@ -147,6 +180,8 @@ class _Group(click.Group):
             raise
         except click.ClickException as exc:
             _usage_fail(exc)
+        except BrokenPipeError:  # --help or --version into a closed pipe
+            _stdout_closed()
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -158,6 +193,8 @@ class _Group(click.Group):
             _usage_fail(exc)
         except (click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            _stdout_closed()
         except CheckpointError as exc:
             _print_traceback(ctx, exc)
             fail(exc.message or exc.code.value, exit_code_for(exc))
@@ -165,6 +202,42 @@ class _Group(click.Group):
             _print_traceback(ctx, exc)
             hint = "" if ctx.obj and ctx.obj.out.verbose else " (run with -v for the traceback)"
             fail(f"unexpected {type(exc).__name__}: {exc}{hint}", 1)
+
+
+def _set_output_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--json`` or ``-v`` given after the command: the same as before it."""
+    settings = ctx.find_object(Settings)
+    if value and settings is not None:
+        if param.name == "json_mode":
+            settings.out.json_mode = True
+        else:
+            settings.out.verbose = True
+
+
+class _Command(click.Command):
+    """A command that also takes the global ``--json`` and ``-v`` after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(
+                ["--json", "json_mode"],
+                is_flag=True,
+                expose_value=False,
+                callback=_set_output_flag,
+                help="Print JSON instead of tables (as the global --json).",
+            ),
+            click.Option(
+                ["-v", "--verbose"],
+                is_flag=True,
+                expose_value=False,
+                callback=_set_output_flag,
+                help="Say where the stores are; tracebacks (as the global -v).",
+            ),
+        ]
+
+
+_Group.command_class = _Command
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +262,9 @@ class Settings:
 @click.group(
     cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="Exit codes: 0 success, 1 failure (store unreachable, lock timeout, restore "
-    "failed), 2 usage or validation error, 3 not found, 4 corrupt.",
+    epilog="--json and -v may also follow the command's name. Exit codes: 0 success, "
+    "1 failure (store unreachable, lock timeout, restore failed), 2 usage or validation "
+    "error, 3 not found, 4 corrupt, 141 stdout closed early (a pipe into head).",
 )
 @click.version_option(__version__, "--version", prog_name="cfn-checkpoint")
 @click.option(
@@ -324,6 +398,25 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def max_bytes_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--max-bytes N``: how much of each value to print."""
+    return click.option(
+        "--max-bytes",
+        type=click.IntRange(min=0),
+        metavar="N",
+        help=f"Print at most N bytes of each value, then '\u2026 (truncated, M bytes in all)'. "
+        f"Default: {DEFAULT_MAX_BYTES} in text; with --json, values are exact unless this is "
+        'given (then cut values are marked "truncated"). 0: no limit.',
+    )(command)
+
+
+def _value_limit(settings: Settings, max_bytes: int | None) -> int | None:
+    """The byte limit for values: ``None`` for none."""
+    if max_bytes is None:
+        return None if settings.json else DEFAULT_MAX_BYTES
+    return max_bytes or None
+
+
 # -- create ----------------------------------------------------------------------------------
 
 
@@ -368,7 +461,7 @@ def create(settings: Settings, task: str, trigger: str, meta: tuple[tuple[str, A
             f"created checkpoint {made.checkpoint_id} of task {task}: "
             f"{count(made.key_count, 'key')}, {count(made.row_count, 'row')}, "
             f"{human_size(made.stored_bytes)} stored "
-            f"(dedup {percent(dedup_ratio(made))})"
+            f"(dedup {dedup_text(made)})"
         )
     else:
         settings.out.line(
@@ -444,10 +537,18 @@ def tasks(settings: Settings) -> None:
     "value_key",
     metavar="KEY",
     help="Print one key's value (JSON pretty-printed). KEY is the full key or the part "
-    "after the task's prefix (coder for agent:<task>:coder).",
+    "after the task's prefix (coder for agent:<task>:coder); a key that is not UTF-8 is "
+    "given as its bytes, or as the b'...' literal --keys prints.",
 )
+@max_bytes_option
 @click.pass_obj
-def show(settings: Settings, checkpoint: str, list_keys: bool, value_key: str | None) -> None:
+def show(
+    settings: Settings,
+    checkpoint: str,
+    list_keys: bool,
+    value_key: str | None,
+    max_bytes: int | None,
+) -> None:
     """Show a checkpoint: its metadata and its contents by namespace.
 
     Runtime keys are counted per namespace (agents, signals, queues, locks) and durable
@@ -458,13 +559,14 @@ def show(settings: Settings, checkpoint: str, list_keys: bool, value_key: str | 
     "tables": {TABLE: rows}, "skills": n, "keys": [KEY] (with --keys), "value": KEY
     with "value" (with --value)}.
     """
+    limit = _value_limit(settings, max_bytes)
     manager = open_manager(settings)
     with settings.out.busy(f"loading checkpoint {checkpoint}"):
         contents = manager.load_checkpoint(checkpoint)
     layout = manager.runtime.layout
     entry = _value_entry(layout, contents, value_key) if value_key is not None else None
     if settings.json:
-        settings.out.json(_show_json(layout, contents, list_keys, entry))
+        settings.out.json(_show_json(layout, contents, list_keys, entry, limit))
         return
     _show_text(settings.out, layout, contents)
     if list_keys:
@@ -473,18 +575,54 @@ def show(settings: Settings, checkpoint: str, list_keys: bool, value_key: str | 
         settings.out.table(("key", "type", "ttl", "size"), rows, right=("ttl", "size"))
     if entry is not None:
         settings.out.line()
-        _print_value(settings.out, entry)
+        _print_value(settings.out, entry, limit)
+
+
+def key_arguments(text: str) -> list[bytes]:
+    """The key names a ``--value`` argument may mean, in order: the bytes of a ``b'...'``
+    literal (as ``--keys`` prints a key that is not UTF-8), then the argument's own bytes
+    (as the shell passed them, undecodable bytes included)."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    literal = _bytes_literal(text)
+    return [raw] if literal is None or literal == raw else [literal, raw]
+
+
+def _bytes_literal(text: str) -> bytes | None:
+    """The value of ``text`` when it is a Python bytes literal (``b'\\x80ab'``), else ``None``."""
+    if len(text) < 3 or text[0] not in "bB" or text[1] not in "'\"" or text[-1] != text[1]:
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return value if isinstance(value, bytes) else None
+
+
+def _key_label(raw: bytes) -> str:
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
 
 
 def _value_entry(layout: KeyLayout, contents: CheckpointContents, name: str) -> RuntimeEntry:
-    found = find_entry(layout, contents.meta.task_id, contents.entries, name)
+    candidates = key_arguments(name)
+    found: list[RuntimeEntry] = []
+    for raw in candidates:
+        found = find_entry(layout, contents.meta.task_id, contents.entries, raw)
+        if found:
+            break
+    label = _key_label(raw if found else candidates[0])
     if not found:
         raise CheckpointNotFoundError(
-            f"checkpoint {contents.meta.checkpoint_id} has no key {name!r}"
+            f"checkpoint {contents.meta.checkpoint_id} has no key {label}"
         )
     if len(found) > 1:
         names = ", ".join(one_line(show_bytes(e.key)) for e in found)
-        raise ValidationError(f"{name!r} matches several keys ({names}); give the full key")
+        raise ValidationError(f"{label} matches several keys ({names}); give the full key")
     return found[0]
 
 
@@ -493,6 +631,7 @@ def _show_json(
     contents: CheckpointContents,
     list_keys: bool,
     entry: RuntimeEntry | None,
+    limit: int | None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "checkpoint": checkpoint_json(contents.meta),
@@ -503,7 +642,7 @@ def _show_json(
     if list_keys:
         out["keys"] = [entry_json(e, value=False) for e in contents.entries]
     if entry is not None:
-        out["value"] = entry_json(entry)
+        out["value"] = entry_json(entry, max_bytes=limit)
     return out
 
 
@@ -519,10 +658,11 @@ def _show_text(out: Output, layout: KeyLayout, contents: CheckpointContents) -> 
     out.table(("durable table", "rows"), tables, right=("rows",))
 
 
-def _print_value(out: Output, entry: RuntimeEntry) -> None:
+def _print_value(out: Output, entry: RuntimeEntry, limit: int | None) -> None:
     ttl = "no TTL" if entry.pttl_ms is None else f"TTL {entry.pttl_ms} ms at capture"
     out.line(f"{one_line(show_bytes(entry.key))} ({entry_type(entry)}, {ttl})")
-    for text in value_lines(entry):
+    lines, _ = value_view(entry, limit)
+    for text in lines:
         out.line(text)
 
 
@@ -537,8 +677,9 @@ _PLAN_VERBS = {Change.ADDED: "restore", Change.REMOVED: "delete", Change.CHANGED
 @click.argument("old")
 @click.argument("new", required=False)
 @click.option("--live", is_flag=True, help="Compare OLD with the task as it is now.")
+@max_bytes_option
 @click.pass_obj
-def diff(settings: Settings, old: str, new: str | None, live: bool) -> None:
+def diff(settings: Settings, old: str, new: str | None, live: bool, max_bytes: int | None) -> None:
     """Show what differs between checkpoints OLD and NEW, or OLD and the live task.
 
     Runtime keys and durable rows added, removed and changed, then a unified diff of
@@ -557,12 +698,13 @@ def diff(settings: Settings, old: str, new: str | None, live: bool) -> None:
     with settings.out.busy(f"comparing {old} with {new or 'the live task'}"):
         changes = manager.diff(old, new)
     new_label = new or "live"
+    limit = _value_limit(settings, max_bytes)
     if settings.json:
-        settings.out.json({"old": old, "new": new_label, **diff_json(changes)})
+        settings.out.json({"old": old, "new": new_label, **diff_json(changes, limit)})
     elif changes.empty:
         settings.out.line(f"no differences between {old} and {new_label}")
     else:
-        _print_changes(settings.out, changes, _DIFF_VERBS, old, new_label)
+        _print_changes(settings.out, changes, _DIFF_VERBS, old, new_label, limit)
 
 
 def _counts_line(changes: StateDiff, verbs: dict[Change, str]) -> str:
@@ -575,7 +717,12 @@ def _counts_line(changes: StateDiff, verbs: dict[Change, str]) -> str:
 
 
 def _print_changes(
-    out: Output, changes: StateDiff, verbs: dict[Change, str], old: str, new: str
+    out: Output,
+    changes: StateDiff,
+    verbs: dict[Change, str],
+    old: str,
+    new: str,
+    limit: int | None,
 ) -> None:
     out.line(_counts_line(changes, verbs))
     if changes.keys:
@@ -586,8 +733,8 @@ def _print_changes(
         out.line()
         rows = [row_change_row(c, verbs) for c in changes.rows]
         out.table(("", "change", "table", "id", "columns"), rows)
-    lines = [line for c in changes.keys for line in key_value_diff(c, old, new)]
-    lines += [line for c in changes.rows for line in row_value_diff(c, old, new)]
+    lines = [line for c in changes.keys for line in key_value_diff(c, old, new, limit)]
+    lines += [line for c in changes.rows for line in row_value_diff(c, old, new, limit)]
     if lines:
         out.line()
         out.diff_lines(lines)
@@ -604,6 +751,7 @@ def _print_changes(
     help="What to restore: runtime keys, durable rows, or both (runtime,durable).",
 )
 @click.option("--dry-run", is_flag=True, help="Print exactly what would change; change nothing.")
+@max_bytes_option
 @click.pass_obj
 def recover(
     settings: Settings,
@@ -611,6 +759,7 @@ def recover(
     checkpoint_id: str | None,
     tiers: frozenset[str],
     dry_run: bool,
+    max_bytes: int | None,
 ) -> None:
     """Put TASK back as it was at a checkpoint.
 
@@ -627,7 +776,8 @@ def recover(
     manager = open_manager(settings, runtime=True)
     runtime, durable = "runtime" in tiers, "durable" in tiers
     if dry_run:
-        _plan(settings, manager, task, checkpoint_id, runtime, durable)
+        limit = _value_limit(settings, max_bytes)
+        _plan(settings, manager, task, checkpoint_id, runtime, durable, limit)
         return
     with settings.out.busy(f"recovering task {task}"):
         result = manager.recover_from_checkpoint(
@@ -648,6 +798,7 @@ def _plan(
     checkpoint_id: str | None,
     runtime: bool,
     durable: bool,
+    limit: int | None,
 ) -> None:
     with settings.out.busy(f"planning the recovery of task {task}"):
         plan = manager.plan_recovery(
@@ -656,7 +807,7 @@ def _plan(
     cp = plan.checkpoint
     tiers = [name for name, on in (("runtime", runtime), ("durable", durable)) if on]
     if settings.json:
-        settings.out.json(plan_json(plan, task, tiers))
+        settings.out.json(plan_json(plan, task, tiers, limit))
         return
     for note in plan.notes:
         settings.out.note(f"note: {one_line(note)}")
@@ -667,7 +818,7 @@ def _plan(
     if plan.changes.empty:
         settings.out.line("would change nothing: the task is as at that checkpoint")
     else:
-        _print_changes(settings.out, plan.changes, _PLAN_VERBS, "now", cp.checkpoint_id)
+        _print_changes(settings.out, plan.changes, _PLAN_VERBS, "now", cp.checkpoint_id, limit)
     for key in plan.expired_keys:
         settings.out.line(f"would leave out {one_line(show_bytes(key))}: its TTL ran out")
     settings.out.line("nothing was changed (dry run)")
@@ -741,8 +892,8 @@ def _cleanup_json(
     "--output",
     "path",
     required=True,
-    type=click.Path(dir_okay=False, writable=True),
-    help="The file to write (replaced if it exists).",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    help="The file to write (replaced if it exists); - for stdout.",
 )
 @click.pass_obj
 def export_(settings: Settings, checkpoint: str, path: str) -> None:
@@ -750,30 +901,47 @@ def export_(settings: Settings, checkpoint: str, path: str) -> None:
 
     The checkpoint is verified first; the file carries every payload with its hash and
     a hash of the whole file. It is written beside FILE and renamed into place, so a
-    failed export leaves nothing behind.
+    failed export leaves nothing behind. With -o - the file goes to stdout (not to a
+    terminal) and the summary to stderr.
 
     --json: {"checkpoint_id", "task_id", "path", "bytes"}.
     """
+    to_stdout = path == "-"
+    stdout = sys.stdout.buffer
+    if to_stdout and stdout.isatty():
+        raise ValidationError(
+            "not writing an export file to a terminal: redirect stdout or give -o FILE"
+        )
     manager = open_manager(settings)
     meta = manager.get_checkpoint(checkpoint)
     with settings.out.busy(f"exporting checkpoint {checkpoint}"):
-        size = manager.export_checkpoint(checkpoint, path)
+        if to_stdout:
+            with tempfile.TemporaryDirectory(prefix="cfn-export-") as tmp:
+                file = Path(tmp) / "export.cfnckpt"
+                size = manager.export_checkpoint(checkpoint, file)
+                with file.open("rb") as src:
+                    write_binary(src, stdout)
+        else:
+            size = manager.export_checkpoint(checkpoint, path)
+    summary = {"checkpoint_id": checkpoint, "task_id": meta.task_id, "path": path, "bytes": size}
     if settings.json:
-        settings.out.json(
-            {"checkpoint_id": checkpoint, "task_id": meta.task_id, "path": path, "bytes": size}
-        )
+        settings.out.json(summary, err=to_stdout)
+        return
+    where = "stdout" if to_stdout else path
+    text = (
+        f"exported checkpoint {checkpoint} of task {meta.task_id} to {where} ({human_size(size)})"
+    )
+    if to_stdout:
+        settings.out.note(text)
     else:
-        settings.out.line(
-            f"exported checkpoint {checkpoint} of task {meta.task_id} to {path} "
-            f"({human_size(size)})"
-        )
+        settings.out.line(text)
 
 
 @cli.command(name="import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.pass_obj
 def import_(settings: Settings, file: str) -> None:
-    """Add the checkpoint in FILE (from `export`) to this durable store.
+    """Add the checkpoint in FILE (from `export`) to this durable store; - reads stdin.
 
     The file is verified in full before anything is stored; a truncated or altered file
     is refused (exit 4), and so is a checkpoint id that already exists here (exit 2).
@@ -781,13 +949,33 @@ def import_(settings: Settings, file: str) -> None:
 
     --json: CHECKPOINT.
     """
+    if file != "-":
+        _import_file(settings, Path(file), file)
+        return
+    stdin = sys.stdin.buffer
+    if stdin.isatty():
+        raise ValidationError(
+            "not reading an export file from a terminal: pipe one in or give FILE"
+        )
+    with tempfile.TemporaryDirectory(prefix="cfn-import-") as tmp:
+        copy = Path(tmp) / "stdin.cfnckpt"
+        with copy.open("wb") as out:
+            shutil.copyfileobj(stdin, out, 1 << 20)
+        try:
+            _import_file(settings, copy, "stdin")
+        except CheckpointError as exc:  # name stdin, not the temporary copy
+            message = exc.message.replace(str(copy), "stdin")
+            raise type(exc)(message, code=exc.code) from exc
+
+
+def _import_file(settings: Settings, file: Path, name: str) -> None:
     if _missing_store_file(settings.durable_url) is not None:
         # A new store: check the file before the database is created, so that a bad
         # file leaves nothing behind.
-        with settings.out.busy(f"verifying {file}"):
-            read_export(Path(file))
+        with settings.out.busy(f"verifying {name}"):
+            read_export(file)
     manager = open_manager(settings, create=True)
-    with settings.out.busy(f"importing {file}"):
+    with settings.out.busy(f"importing {name}"):
         meta = manager.import_checkpoint(file)
     if settings.json:
         settings.out.json(checkpoint_json(meta))
@@ -822,6 +1010,8 @@ def verify(settings: Settings, checkpoint: str | None, all_: bool, task: str | N
         targets = [manager.get_checkpoint(checkpoint)]
     else:
         targets = [m for m in manager.list_checkpoints(task) if m.status in USABLE_STATUSES]
+        if not targets and task is not None:
+            require_known_task(manager, task)
     results = _verify_each(settings.out, manager, targets)
     _report_verify(settings, results)
 
@@ -863,14 +1053,17 @@ def _report_verify(
 
 # -- watch -----------------------------------------------------------------------------------
 
+#: The shortest ``watch --interval``.
+WATCH_MIN_INTERVAL = timedelta(milliseconds=100)
+
 
 @cli.command()
 @click.option(
     "--interval",
-    type=Duration(positive=True),
+    type=Duration(minimum=WATCH_MIN_INTERVAL),
     default="5m",
     show_default=True,
-    help="Time between rounds (300ms, 30s, 5m, ...).",
+    help="Time between the starts of rounds (300ms, 30s, 5m, ...; at least 100ms).",
 )
 @click.option(
     "--task",
@@ -898,8 +1091,12 @@ def watch(
     """Take periodic checkpoints until stopped with Ctrl-C or SIGTERM.
 
     Every --interval, each task (trigger periodic): a task that did not change keeps
-    its checkpoint and nothing is stored. Then retention cleanup. One line per
+    its checkpoint and nothing is stored. Then retention cleanup. Rounds start at a
+    fixed rate; one that overruns the interval skips the starts it missed. One line per
     checkpoint (created, unchanged or error) and per cleanup that removed something.
+    created means this watch stored the checkpoint: one another process stored while
+    this watch was checkpointing the task is logged unchanged (two processes
+    checkpointing one task within the same instant may still both log created).
     On SIGINT or SIGTERM the checkpoint in flight finishes (atomically) and the command
     exits with 0.
 
@@ -951,10 +1148,18 @@ def demo(settings: Settings, demo_redis_url: str | None, tamper: bool) -> None:
     last checkpoint. Runs on an embedded redis-server unless a Redis URL is given,
     with the durable tier in a temporary SQLite file (--durable-url is not used).
     Exits with 1 if anything differs.
+
+    --json: {"ok", "task_id", "redis", "durable_url", "seconds", "checks": [{"tier",
+    "name", "expected", "restored", "ok", "note", "problems"}], "problems",
+    "checkpoints": [CHECKPOINT], "recovery": {...}}; the steps go to stderr with -v.
     """
     url = demo_redis_url or settings.redis_url
-    report = run_demo(redis_url=url, tamper=tamper, echo=click.echo)
-    click.echo(format_report(report))
+    echo = settings.out.info if settings.json else settings.out.line
+    report = run_demo(redis_url=url, tamper=tamper, echo=echo)
+    if settings.json:
+        settings.out.json(report_json(report))
+    else:
+        settings.out.line(format_report(report))
     if not report.ok:
         fail("the recovered state differs from the last checkpoint", 1)
 
@@ -979,7 +1184,11 @@ def docs(path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cfn-checkpoint`` console script."""
-    cli.main(args=argv, prog_name="cfn-checkpoint")
+    try:
+        cli.main(args=argv, prog_name="cfn-checkpoint")
+    except BrokenPipeError:  # stdout's reader went away outside any command
+        _silence_stdout()
+        sys.exit(EXIT_STDOUT_CLOSED)
 
 
 if __name__ == "__main__":

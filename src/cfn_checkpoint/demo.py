@@ -32,6 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from ._render import human_size
+from ._views import checkpoint_json, recovery_json
 from .config import redis_url_from_env
 from .durable.schema import SKILL_TABLE, TASK_TABLES
 from .layout import ROLES, KeyLayout, escape_glob
@@ -50,6 +52,7 @@ __all__ = [
     "compare_durable",
     "compare_runtime",
     "format_report",
+    "report_json",
     "read_durable_state",
     "read_runtime_state",
     "run_demo",
@@ -379,10 +382,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _human_bytes(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
-
-
 def _display_url(url: str) -> str:
     parts = urlsplit(url)
     if "@" not in parts.netloc:
@@ -553,7 +552,7 @@ def _run(
         last = mgr.create_checkpoint(task, CheckpointTrigger.ITERATION_BOUNDARY, {"iteration": i})
         echo(
             f"iteration {i}: {last.key_count} keys, {last.row_count} rows -> checkpoint "
-            f"{last.checkpoint_id} ({_human_bytes(last.stored_bytes)} stored)"
+            f"{last.checkpoint_id} ({human_size(last.stored_bytes)} stored)"
         )
     assert last is not None
     # The expected state, read independently of the library right after the checkpoint.
@@ -662,7 +661,7 @@ def format_report(report: DemoReport) -> str:
                 str(m.metadata.get("iteration", "")),
                 str(m.key_count),
                 str(m.row_count),
-                _human_bytes(m.stored_bytes),
+                human_size(m.stored_bytes),
             ]
             for m in report.checkpoints
         ],
@@ -676,3 +675,30 @@ def format_report(report: DemoReport) -> str:
     )
     out += ["", verdict]
     return "\n".join(out)
+
+
+def report_json(report: DemoReport) -> dict[str, Any]:
+    """The report as one JSON document: each check (expected, restored, ok, problems),
+    the checkpoints, the recovery and the overall verdict ``ok``."""
+    return {
+        "ok": report.ok,
+        "task_id": report.task_id,
+        "redis": report.redis,
+        "durable_url": report.durable_url,
+        "seconds": round(report.seconds, 3),
+        "checks": [
+            {
+                "tier": c.tier,
+                "name": c.name,
+                "expected": c.expected,
+                "restored": c.restored,
+                "ok": c.ok,
+                "note": c.note,
+                "problems": list(c.problems),
+            }
+            for c in report.checks
+        ],
+        "problems": list(report.problems),
+        "checkpoints": [checkpoint_json(m) for m in report.checkpoints],
+        "recovery": recovery_json(report.recovery),
+    }
