@@ -110,11 +110,16 @@ def test_bad_stores(
     cmd: Cli, ready: str, options: list[str], code: int, words: str, command: list[str]
 ) -> None:
     before = state(cmd)
+    store_only = command == ["list"] and options[0] == "--redis-url"
     for json_mode in (False, True):
         argv = cmd.argv(json_mode=json_mode) + options + command
         result = Cli.invoke(argv)
-        assert_one_line_error(result, code, words)
-        assert result.stdout == ""
+        if store_only:
+            # Listing needs only the durable store: a bad or unreachable Redis is unused.
+            assert result.exit_code == 0, result.stderr
+        else:
+            assert_one_line_error(result, code, words)
+            assert result.stdout == ""
     assert state(cmd) == before
 
 

@@ -357,24 +357,29 @@ def open_manager(
             "warning: no --redis-url or CFN_REDIS_URL: using a private, empty redis-server "
             "that stops when this command ends"
         )
+    # Commands on stored checkpoints alone connect Redis only if they come to need it,
+    # so they keep working while Redis is down (the incident this tool is for).
     manager = CheckpointManager.open(
         settings.redis_url,
         settings.durable_url,
         layout=KeyLayout(prefix=settings.key_prefix),
         config=config,
+        lazy_runtime=not runtime,
     )
     click.get_current_context().with_resource(manager)
-    settings.out.info(_where(settings, manager))
+    settings.out.info(_where(settings, manager, runtime))
     return manager
 
 
-def _where(settings: Settings, manager: CheckpointManager) -> str:
+def _where(settings: Settings, manager: CheckpointManager, runtime: bool) -> str:
     redis_url = settings.redis_url or redis_url_from_env() or "embedded redis-server"
     durable = settings.durable_url or durable_url_from_env()
-    return (
-        f"redis: {redact_url(redis_url)} (Redis {manager.runtime.version()}); "
-        f"durable: {durable}; key prefix: {settings.key_prefix!r}"
+    redis = (
+        f"{redact_url(redis_url)} (Redis {manager.runtime.version()})"
+        if runtime
+        else "not needed by this command"
     )
+    return f"redis: {redis}; durable: {durable}; key prefix: {settings.key_prefix!r}"
 
 
 def require_known_task(manager: CheckpointManager, task_id: str) -> None:
@@ -382,7 +387,7 @@ def require_known_task(manager: CheckpointManager, task_id: str) -> None:
     durable rows: a mistyped task id is reported, not silently checkpointed empty."""
     if manager.list_checkpoints(task_id, limit=1):
         return
-    if manager.runtime.task_keys(task_id) or manager.store.read_durable(task_id).row_count:
+    if manager.store.read_durable(task_id).row_count or manager.runtime.task_keys(task_id):
         return
     raise CheckpointNotFoundError(
         f"unknown task {task_id!r}: no checkpoints, runtime keys or durable rows"
@@ -563,7 +568,7 @@ def show(
     manager = open_manager(settings)
     with settings.out.busy(f"loading checkpoint {checkpoint}"):
         contents = manager.load_checkpoint(checkpoint)
-    layout = manager.runtime.layout
+    layout = manager.layout
     entry = _value_entry(layout, contents, value_key) if value_key is not None else None
     if settings.json:
         settings.out.json(_show_json(layout, contents, list_keys, entry, limit))
