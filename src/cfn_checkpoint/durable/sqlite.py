@@ -501,18 +501,7 @@ class SqliteStore:
 
     def load_payloads(self, digests: Iterable[str]) -> dict[str, bytes]:
         """Stored (compressed) bytes of the given payloads; missing ones are left out."""
-        wanted = list(dict.fromkeys(digests))
-        found: dict[str, bytes] = {}
-        with self._lock, _db_errors("reading payloads"):
-            for start in range(0, len(wanted), 500):
-                part = wanted[start : start + 500]
-                rows = self._conn.execute(
-                    "SELECT digest, CAST(data AS BLOB) FROM payloads WHERE digest IN "
-                    f"({', '.join('?' * len(part))})",
-                    part,
-                ).fetchall()
-                found.update((str(d), bytes(b)) for d, b in rows)
-        return found
+        return {digest: data for digest, (_, data) in self.load_stored(digests).items()}
 
     def start_recovery(
         self, checkpoint_id: str, task_id: str, *, runtime: bool, durable: bool
@@ -641,7 +630,8 @@ class SqliteStore:
     # -- import, export, overview ------------------------------------------------------------
 
     def load_stored(self, digests: Iterable[str]) -> dict[str, tuple[int, bytes]]:
-        """``digest -> (raw size, compressed bytes)`` for the given payloads."""
+        """``digest -> (raw size, compressed bytes)`` for the given payloads; missing ones
+        are left out. Read as BLOBs whatever a hand edit left in the column."""
         wanted = list(dict.fromkeys(digests))
         found: dict[str, tuple[int, bytes]] = {}
         with self._lock, _db_errors("reading payloads"):
