@@ -1,12 +1,13 @@
 """Runtime images: a task's keys as packed rows with a digest each, stored as a keyframe
 or as a delta against one.
 
-A **row** is the msgpack encoding of ``[key, type, value, has_ttl, native_type]``;
-its **digest** is a 16-byte BLAKE2b of those bytes. The runtime hash of a task is the
-SHA-256 of its row digests in key order, so it does not depend on how the rows are
-stored. TTLs tick down, so they are not in the rows: each key's **expiry instant**
-(capture clock + TTL left) is kept apart, and an expiry that did not move is not a
-change.
+A **row** is the msgpack encoding of ``[key, type, value, has_ttl, native_type or
+false]``, made by Redis itself (its ``cmsgpack``, strings raw) while capturing; its
+**digest** is the SHA-1 of those bytes in hex, made there too (``redis.sha1hex``).
+The runtime hash of a task is the SHA-256 of its row digests in key order, so it
+does not depend on how the rows are stored. TTLs tick down, so they are not in the
+rows: each key's **expiry instant** (capture clock + TTL left) is kept apart, and an
+expiry that did not move is not a change.
 
 A **keyframe** stores every row: ``base`` chunks (a msgpack stream of rows, cut at
 keys whose CRC32 ends in ten zero bits, or at 1 MiB) and a ``ttl`` payload
@@ -45,12 +46,11 @@ MAX_DELTA_SHARE = 0.25
 #: rounding between two captures.
 EXPIRY_TOLERANCE_MS = 50
 
-_TYPES = {t.value: t for t in RedisType}
-_packer = msgpack.Packer(use_bin_type=True)
+_packer = msgpack.Packer(use_bin_type=True)  # for delta headers (removed keys)
 
 
 def _digest(row: bytes) -> bytes:
-    return hashlib.blake2b(row, digest_size=16).digest()
+    return hashlib.sha1(row).hexdigest().encode()
 
 
 def runtime_hash(digests: Iterable[bytes]) -> str:
@@ -59,29 +59,58 @@ def runtime_hash(digests: Iterable[bytes]) -> str:
 
 
 @dataclass(slots=True)
+class Snapshot:
+    """A task's runtime keys as read at one moment (when ``point_in_time``), sorted by key.
+
+    ``rows[i]`` is ``None`` for a key whose digest the reader was told it already had
+    (an unchanged key, not sent again).
+    """
+
+    task_id: str
+    keys: list[bytes]
+    digests: list[bytes]
+    pttls: list[int | None]
+    rows: list[bytes | None]
+    #: Server clock (ms since the epoch) at the moment of the read.
+    captured_at_ms: int
+    #: True when all keys were read in one atomic server-side step.
+    point_in_time: bool
+    redis_version: str
+    #: Bytes of all rows, sent or not.
+    row_bytes: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row was sent."""
+        return all(row is not None for row in self.rows)
+
+    @property
+    def entries(self) -> list[RuntimeEntry]:
+        """The keys as entries (needs every row)."""
+        out = []
+        for key, row, pttl in zip(self.keys, self.rows, self.pttls, strict=True):
+            if row is None:
+                raise ValueError(f"key {key!r} was not sent (unchanged)")
+            out.append(decode_row(row, pttl))
+        return out
+
+
+@dataclass(slots=True)
 class RuntimeImage:
     """A task's runtime keys, sorted by key, as rows with digests and expiry instants."""
 
     keys: list[bytes]
-    rows: list[bytes]
+    rows: list[bytes | None]
     digests: list[bytes]
     expiries: list[int | None]
     captured_at_ms: int
 
     @classmethod
-    def of(cls, entries: Sequence[RuntimeEntry], captured_at_ms: int) -> RuntimeImage:
-        """Build the image of captured entries (sorted by key)."""
-        keys, rows, digests, expiries = [], [], [], []
-        pack = _packer.pack
-        blake2b = hashlib.blake2b
-        for key, rtype, value, pttl, native in entries:
-            # RedisType is a str: msgpack packs it as its value.
-            row = pack([key, rtype, value, pttl is not None, native])
-            keys.append(key)
-            rows.append(row)
-            digests.append(blake2b(row, digest_size=16).digest())
-            expiries.append(None if pttl is None else captured_at_ms + pttl)
-        return cls(keys, rows, digests, expiries, captured_at_ms)
+    def of(cls, snapshot: Snapshot) -> RuntimeImage:
+        """The image of a capture (rows of unchanged keys may be ``None``: see Snapshot)."""
+        at = snapshot.captured_at_ms
+        expiries = [None if p is None else at + p for p in snapshot.pttls]
+        return cls(snapshot.keys, snapshot.rows, snapshot.digests, expiries, at)
 
     def runtime_hash(self) -> str:
         """See :func:`runtime_hash`."""
@@ -107,6 +136,8 @@ def keyframe_payloads(image: RuntimeImage) -> tuple[list[Payload], Keyframe]:
     chunk: list[bytes] = []
     size = 0
     for key, row in zip(image.keys, image.rows, strict=True):
+        if row is None:
+            raise ValueError("a keyframe needs every row")
         chunk.append(row)
         size += len(row)
         if (zlib.crc32(key) & _CHUNK_MASK) == 0 or size >= _CHUNK_MAX_BYTES:
@@ -139,6 +170,8 @@ def delta_payloads(image: RuntimeImage, frame: Keyframe) -> list[tuple[str, str,
         if old is not None:
             seen += 1
         if old is None or old[0] != digest:
+            if row is None:  # told unchanged, yet it differs: the base moved on; start over
+                return []
             changed.append(row)
             if expiry is not None:
                 overrides.append([key, expiry])
@@ -188,7 +221,7 @@ def _rows(
     digest: str, raw: bytes, first_is_header: bool = False
 ) -> tuple[object, list[tuple[list[Any], bytes]]]:
     """The objects of a msgpack stream with the digest of each row's bytes."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, use_list=True)
     unpacker.feed(raw)
     header: object = None
     rows: list[tuple[list[Any], bytes]] = []
@@ -277,10 +310,10 @@ def decode_image(payloads: Sequence[Payload]) -> DecodedImage:
     for key in sorted(rows):
         obj, digest = rows[key]
         expiry = expiries.get(key)
-        if obj[1] == "string" and not obj[3] and obj[4] is None:  # most keys: the fast path
+        if obj[1] == b"string" and not obj[3]:  # most keys: the fast path
             append(RuntimeEntry(key, string, obj[2], None, None))
         else:
-            append(_entry_of(obj, expiry, captured_at))
+            append(_entry_of(obj, None if expiry is None else expiry - captured_at))
         digests.append(digest)
         current[key] = (digest, expiry)
     return DecodedImage(entries, captured_at, runtime_hash(digests), frame, current)
@@ -292,14 +325,35 @@ def _key_of(obj: object, digest: str) -> bytes:
     return obj[0]
 
 
-def _entry_of(obj: list[Any], expiry: int | None, captured_at: int) -> RuntimeEntry:
+_TYPES_RAW = {t.value.encode(): t for t in RedisType}
+
+
+def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _entry_of(obj: list[Any], pttl: int | None) -> RuntimeEntry:
+    """A row (decoded, strings as bytes) as an entry with the given TTL left."""
     key, type_name, value, has_ttl, native = obj
-    rtype = _TYPES.get(type_name)
+    rtype = _TYPES_RAW.get(type_name)
     if rtype is None:
         raise CorruptCheckpointError(f"key {key!r} has unknown type {type_name!r}")
-    if has_ttl and expiry is None:
+    if has_ttl and pttl is None:
         raise CorruptCheckpointError(f"key {key!r} has a TTL but no expiry")
-    if rtype in (RedisType.HASH, RedisType.ZSET):
-        value = [tuple(pair) for pair in value]
-    pttl = expiry - captured_at if has_ttl and expiry is not None else None
-    return RuntimeEntry(key, rtype, value, pttl, native)
+    if rtype is RedisType.HASH:
+        value = sorted(_pairs(value))
+    elif rtype is RedisType.ZSET:
+        value = _pairs(value)
+    elif rtype is RedisType.SET:
+        value = sorted(value)
+    native_name = native.decode() if isinstance(native, bytes) else None
+    return RuntimeEntry(key, rtype, value, pttl if has_ttl else None, native_name)
+
+
+def decode_row(row: bytes, pttl: int | None) -> RuntimeEntry:
+    """One row as captured (its TTL left comes apart: rows hold only whether there is one)."""
+    try:
+        obj = msgpack.unpackb(row, raw=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise CorruptCheckpointError(f"a row cannot be decoded: {exc}") from exc
+    return _entry_of(obj, None if pttl is None or pttl < 0 else pttl)

@@ -35,7 +35,14 @@ from .errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from .image import Keyframe, RuntimeImage, delta_payloads, expiries_moved, keyframe_payloads
+from .image import (
+    Keyframe,
+    RuntimeImage,
+    Snapshot,
+    delta_payloads,
+    expiries_moved,
+    keyframe_payloads,
+)
 from .layout import KeyLayout, validate_checkpoint_id, validate_task_id
 from .model import (
     USABLE_STATUSES,
@@ -267,20 +274,18 @@ class CheckpointManager:
         checkpoint_id = f"cp_{task_id}_{started:%Y%m%dT%H%M%S%f}_{secrets.token_hex(3)}"
         cfg = self.config
         newest = self._newest_usable(task_id)
-        snapshot = self.runtime.capture(
-            task_id,
-            atomic_max_keys=cfg.atomic_max_keys,
-            batch_keys=cfg.batch_keys,
-            expected_keys=newest.key_count if newest is not None else 0,
-        )
+        known = self._known_state(task_id, newest)
+        # Redis leaves out the rows the keyframe already holds: only changes travel.
+        base = {k: d for k, (d, _) in known.keyframe.index.items()} if known else None
+        snapshot = self._capture(task_id, newest, base)
         durable = self.store.read_durable(task_id)
-        if not snapshot.entries and not durable.row_count:
+        if not snapshot.keys and not durable.row_count:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
         if (
             trigger is CheckpointTrigger.PERIODIC
-            and not snapshot.entries
+            and not snapshot.keys
             and newest is not None
             and newest.key_count
         ):
@@ -291,14 +296,13 @@ class CheckpointManager:
                 f"{newest.key_count}): not checkpointing over them; recover the task, or "
                 "take a manual checkpoint if the loss is intended"
             )
-        image = RuntimeImage.of(snapshot.entries, snapshot.captured_at_ms)
+        image = RuntimeImage.of(snapshot)
         durable_payload = encode_tables("durable", durable.tables)
         skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
         runtime_hash = image.runtime_hash()
         state_hash, durable_hash = state_hashes(
             runtime_hash, durable_payload.digest, skills_payload.digest
         )
-        known = self._known_state(task_id, newest)
         if (
             newest is not None
             and known is not None
@@ -309,6 +313,15 @@ class CheckpointManager:
         runtime = delta_payloads(image, known.keyframe) if known is not None else []
         keyframe = known.keyframe if runtime and known is not None else None
         if keyframe is None:
+            if not snapshot.complete:
+                # Too much changed for a delta: a new keyframe needs every row. Read the
+                # task again in full (one more atomic read) and store that state.
+                snapshot = self._capture(task_id, newest, None)
+                image = RuntimeImage.of(snapshot)
+                runtime_hash = image.runtime_hash()
+                state_hash, durable_hash = state_hashes(
+                    runtime_hash, durable_payload.digest, skills_payload.digest
+                )
             frame_payloads, keyframe = keyframe_payloads(image)
             runtime = [(p.kind, p.digest, p) for p in frame_payloads]
         parts = [*runtime]
@@ -325,11 +338,9 @@ class CheckpointManager:
             created_at=started,
             completed_at=utcnow(),
             metadata=extra,
-            key_count=len(snapshot.entries),
+            key_count=len(snapshot.keys),
             row_count=durable.row_count,
-            raw_bytes=sum(map(len, image.rows))
-            + len(durable_payload.raw)
-            + len(skills_payload.raw),
+            raw_bytes=snapshot.row_bytes + len(durable_payload.raw) + len(skills_payload.raw),
             point_in_time=snapshot.point_in_time,
             redis_version=snapshot.redis_version,
         )
@@ -357,6 +368,18 @@ class CheckpointManager:
         self._trust(d for _, d in manifest)
         self._remember(task_id, _KnownState(done.checkpoint_id, keyframe, image.index()))
         return done
+
+    def _capture(
+        self, task_id: str, newest: CheckpointMetadata | None, base: dict[bytes, bytes] | None
+    ) -> Snapshot:
+        cfg = self.config
+        return self.runtime.capture(
+            task_id,
+            atomic_max_keys=cfg.atomic_max_keys,
+            batch_keys=cfg.batch_keys,
+            expected_keys=newest.key_count if newest is not None else 0,
+            known=base,
+        )
 
     def _known_state(self, task_id: str, newest: CheckpointMetadata | None) -> _KnownState | None:
         """The newest checkpoint's keyframe and key index, if it is intact.

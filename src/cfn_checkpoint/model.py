@@ -72,19 +72,6 @@ class RuntimeEntry(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class RuntimeSnapshot:
-    """Every runtime key of one task at one moment (when ``point_in_time``)."""
-
-    task_id: str
-    entries: list[RuntimeEntry]
-    #: Server clock (ms since the epoch) at the moment of the read.
-    captured_at_ms: int
-    #: True when all keys were read in one atomic server-side step.
-    point_in_time: bool
-    redis_version: str
-
-
-@dataclass(frozen=True, slots=True)
 class TableRows:
     """Rows of one durable table: column names and the row tuples, in key order."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -13,14 +13,17 @@ import redis
 from redis.commands.core import Script
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError, ValidationError
+from ..image import Snapshot
 from ..layout import KeyLayout, escape_glob, validate_task_id
-from ..model import RedisType, RuntimeEntry, RuntimeSnapshot, TtlPolicy
+from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
 
 #: Redis types read natively; every other type is kept as a DUMP payload.
 _NATIVE = {"string", "list", "hash", "set", "zset"}
-#: Packs restore specs for Redis's cmsgpack, which reads bytes as raw strings, not bin.
+#: Packs restore specs and known digests for Redis's cmsgpack, which reads bytes as raw
+#: strings, not bin.
 _SPEC_PACKER = msgpack.Packer(use_bin_type=False)
+_KNOWN_PACKER = _SPEC_PACKER
 #: How often capture re-reads when keys appear while it runs.
 _CAPTURE_ATTEMPTS = 3
 
@@ -159,7 +162,8 @@ class RedisRuntime:
         atomic_max_keys: int = 50_000,
         batch_keys: int = 1_000,
         expected_keys: int = 0,
-    ) -> RuntimeSnapshot:
+        known: Mapping[bytes, bytes] | None = None,
+    ) -> Snapshot:
         """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
 
         While the database holds at most ``scan_in_script_max_keys`` keys, or at most
@@ -170,64 +174,51 @@ class RedisRuntime:
         with SCAN from the client, read in one script, and a second SCAN checks that
         no key appeared in between (the read is repeated if one did). A task larger
         than ``atomic_max_keys`` is read in batches and marked not point-in-time.
+
+        Redis builds each key's row and digest. Keys whose digest ``known`` already
+        maps them to are not sent (their row is ``None``); batches ignore ``known``.
         """
         version = self.version()
+        blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
         if self._small_database(expected_keys) and expected_keys <= atomic_max_keys:
-            found = self._scan_read(task_id, atomic_max_keys)
+            found = self._scan_read(task_id, atomic_max_keys, blob)
             if found is not None:
-                return RuntimeSnapshot(task_id, found[1], found[0], True, version)
+                return _snapshot(task_id, found[0], found[1], True, version)
         keys = self.task_keys(task_id)
         for _ in range(_CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
                 break
-            now_ms, entries = self._read(keys)
+            now_ms, rows = self._read(keys, blob)
             later = self.task_keys(task_id)
             if set(later) <= set(keys):
-                return RuntimeSnapshot(task_id, entries, now_ms, True, version)
+                return _snapshot(task_id, now_ms, rows, True, version)
             keys = sorted(set(keys) | set(later))
-        entries = []
+        replies: list[Any] = []
         first_ms = 0
         for start in range(0, len(keys), batch_keys):
-            batch_ms, batch = self._read(keys[start : start + batch_keys])
+            batch_ms, batch = self._read(keys[start : start + batch_keys], b"")
             if not first_ms:
                 first_ms = batch_ms
             elif batch_ms != first_ms:
                 # TTLs are kept relative to one capture clock: shift this batch's onto it.
                 shift = batch_ms - first_ms
-                batch = [
-                    e if e.pttl_ms is None else e._replace(pttl_ms=e.pttl_ms + shift) for e in batch
-                ]
-            entries.extend(batch)
-        return RuntimeSnapshot(task_id, entries, first_ms or self.server_time_ms(), False, version)
+                batch = [r if r[2] < 0 else [r[0], r[1], r[2] + shift, *r[3:]] for r in batch]
+            replies.extend(batch)
+        return _snapshot(task_id, first_ms or self.server_time_ms(), replies, False, version)
 
-    def _scan_read(self, task_id: str, max_keys: int) -> tuple[int, list[RuntimeEntry]] | None:
-        args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count]
+    def _scan_read(self, task_id: str, max_keys: int, known: bytes) -> tuple[int, Any] | None:
+        args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count, known]
         args.extend(self.layout.task_prefixes(task_id))
         with redis_errors(f"reading the keys of task {task_id}"):
             reply = self._capture_scan(keys=[], args=args)
-        if len(reply) == 3 and not isinstance(reply[1], bytes) and int(reply[1]) == -1:
+        if len(reply) == 3 and not isinstance(reply[1], list) and int(reply[1]) == -1:
             return None
-        pairs = sorted(zip(reply[1::2], reply[2::2], strict=True))
-        return int(reply[0]), self._entries(pairs)
+        return int(reply[0]), reply[1:]
 
-    def _read(self, keys: Sequence[bytes]) -> tuple[int, list[RuntimeEntry]]:
+    def _read(self, keys: Sequence[bytes], known: bytes) -> tuple[int, Any]:
         with redis_errors("reading task keys"):
-            reply = self._capture(keys=list(keys), args=[])
-        return int(reply[0]), self._entries(zip(keys, reply[1:], strict=True))
-
-    @staticmethod
-    def _entries(replies: Iterable[tuple[bytes, Any]]) -> list[RuntimeEntry]:
-        entries: list[RuntimeEntry] = []
-        append = entries.append
-        string = RedisType.STRING
-        for key, item in replies:
-            kind = item[0]
-            if kind == b"string":  # most keys: the fast path
-                pttl = item[1]
-                append(RuntimeEntry(key, string, item[2], pttl if pttl >= 0 else None, None))
-            elif kind != b"none":
-                append(_entry(key, kind.decode(), int(item[1]), item[2]))
-        return entries
+            reply = self._capture(keys=list(keys), args=[known])
+        return int(reply[0]), reply[1:]
 
     # -- restore -----------------------------------------------------------------------------
 
@@ -360,23 +351,21 @@ class RedisRuntime:
         return removed
 
 
+def _snapshot(
+    task_id: str, now_ms: int, replies: list[Any], point_in_time: bool, version: str
+) -> Snapshot:
+    """A snapshot from the scripts' ``{key, digest, pttl, row or nil, size}`` replies."""
+    replies = sorted(replies, key=lambda r: r[0])
+    keys = [r[0] for r in replies]
+    digests = [r[1] for r in replies]
+    pttls = [None if r[2] < 0 else r[2] for r in replies]
+    rows = [r[3] for r in replies]
+    size = sum(r[4] for r in replies)
+    return Snapshot(task_id, keys, digests, pttls, rows, now_ms, point_in_time, version, size)
+
+
 def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-
-
-def _entry(key: bytes, type_name: str, pttl: int, value: Any) -> RuntimeEntry:
-    ttl = pttl if pttl >= 0 else None
-    if type_name == "string":
-        return RuntimeEntry(key, RedisType.STRING, value, ttl)
-    if type_name == "list":
-        return RuntimeEntry(key, RedisType.LIST, list(value), ttl)
-    if type_name == "set":
-        return RuntimeEntry(key, RedisType.SET, sorted(value), ttl)
-    if type_name == "hash":
-        return RuntimeEntry(key, RedisType.HASH, sorted(_pairs(value)), ttl)
-    if type_name == "zset":
-        return RuntimeEntry(key, RedisType.ZSET, _pairs(value), ttl)
-    return RuntimeEntry(key, RedisType.DUMP, value, ttl, native_type=type_name)
 
 
 def _items(entry: RuntimeEntry) -> list[bytes]:

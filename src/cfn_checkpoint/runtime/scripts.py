@@ -8,20 +8,27 @@ commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
 
 from __future__ import annotations
 
-#: Lua: ``read(key)`` -> ``{type, pttl, value}`` (``{"none"}`` for a missing key), shared by
-#: the capture scripts; pttl is the TTL left at ``now`` (the script's TIME at its start).
-#: value is a bulk string (string; DUMP payload for any type other than
-#: string/list/hash/set/zset) or a flat array (list items; set members; hash field, value,
-#: ...; zset member, score, ... in rank order).
-_READ_KEY = r"""
+#: Lua: ``row(key)`` -> ``{key, digest, pttl, row, size}``, or nil for a key that is gone. The row
+#: is the key as cmsgpack ``[key, type, value, has_ttl, native_type or false]`` (strings
+#: packed raw); value is a bulk string (string; DUMP payload, type ``dump``, for any type
+#: other than string/list/hash/set/zset) or a flat array (list items; set members; hash
+#: field, value, ...; zset member, score, ... in rank order). digest is the row's SHA-1
+#: in hex. pttl is the TTL left at ``now`` (the script's TIME at its start; -1: none).
+#: row is false when ``known[key]`` already holds that digest: the caller has it; size is
+#: the row's length either way.
+#: Building rows and digests here spares the client a pass over every key, and
+#: unchanged keys are not even sent.
+_ROW = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function read(key)
+local known = {}
+local function row(key)
   local ty = redis.call('TYPE', key)['ok']
   if ty == 'none' then
-    return {'none'}
+    return nil
   end
   local value
+  local native = false
   if ty == 'string' then
     value = redis.call('GET', key)
   elseif ty == 'list' then
@@ -34,17 +41,27 @@ local function read(key)
     value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
   else
     value = redis.call('DUMP', key)
+    native = ty
+    ty = 'dump'
   end
-  -- TTL left at ``now``. PEXPIRETIME (7.0+) gives the exact expiry instant; PTTL (6.2)
-  -- is measured when this key is read, up to the script's run time after ``now``.
+  -- PEXPIRETIME (7.0+) gives the exact expiry instant; PTTL (6.2) is measured when
+  -- this key is read, up to the script's run time after ``now``.
+  local pttl
   local at = redis.pcall('PEXPIRETIME', key)
   if type(at) == 'table' then
-    return {ty, redis.call('PTTL', key), value}
+    pttl = redis.call('PTTL', key)
+  elseif at < 0 then
+    pttl = at
+  else
+    pttl = math.max(at - now, 0)
   end
-  if at < 0 then
-    return {ty, at, value}
+  local packed = cmsgpack.pack({key, ty, value, pttl >= 0, native})
+  local digest = redis.sha1hex(packed)
+  local size = #packed
+  if known[key] == digest then
+    packed = false
   end
-  return {ty, math.max(at - now, 0), value}
+  return {key, digest, pttl, packed, size}
 end
 """
 
@@ -77,14 +94,20 @@ end
 """
 
 #: Read keys atomically.
-#: KEYS: the keys to read.  ARGV: none.
-#: Returns ``{now_ms, read(KEYS[1]), read(KEYS[2]), ...}``.
+#: KEYS: the keys to read.  ARGV: ``known``: a cmsgpack map of key -> digest ('' for none).
+#: Returns ``{now_ms, row(KEYS[1]), row(KEYS[2]), ...}``, keys that are gone left out.
 CAPTURE = (
-    _READ_KEY
+    _ROW
     + r"""
+if ARGV[1] ~= '' then
+  known = cmsgpack.unpack(ARGV[1])
+end
 local out = {now}
 for i = 1, #KEYS do
-  out[#out + 1] = read(KEYS[i])
+  local r = row(KEYS[i])
+  if r then
+    out[#out + 1] = r
+  end
 end
 return out
 """
@@ -92,22 +115,27 @@ return out
 
 #: Find and read a task's keys in one atomic step (standalone Redis only: it reads keys
 #: not declared in KEYS).
-#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, prefix1, prefix2, ...``; a key is the
-#: task's if it starts with one of the prefixes (the pattern may match more).
+#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, known, prefix1, prefix2, ...``; a key
+#: is the task's if it starts with one of the prefixes (the pattern may match more).
 #: Returns ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
-#: ``{now_ms, key1, read(key1), key2, read(key2), ...}``.
+#: ``{now_ms, row(key1), row(key2), ...}``.
 CAPTURE_SCAN = (
-    _READ_KEY
+    _ROW
     + _TASK_KEYS
     + r"""
-local keys = task_keys(ARGV[1], ARGV[3], 4)
+local keys = task_keys(ARGV[1], ARGV[3], 5)
 if #keys > tonumber(ARGV[2]) then
   return {now, -1, #keys}
 end
+if ARGV[4] ~= '' then
+  known = cmsgpack.unpack(ARGV[4])
+end
 local out = {now}
 for _, key in ipairs(keys) do
-  out[#out + 1] = key
-  out[#out + 1] = read(key)
+  local r = row(key)
+  if r then
+    out[#out + 1] = r
+  end
 end
 return out
 """
