@@ -22,6 +22,7 @@ _ROW = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local known = {}
+local has_expiretime = nil
 local function row(key)
   local ty = redis.call('TYPE', key)['ok']
   if ty == 'none' then
@@ -46,9 +47,15 @@ local function row(key)
   end
   -- PEXPIRETIME (7.0+) gives the exact expiry instant; PTTL (6.2) is measured when
   -- this key is read, up to the script's run time after ``now``.
+  -- The first key tells whether PEXPIRETIME exists; an older server is then not sent
+  -- one failing command per key (each would count in its error statistics).
   local pttl
-  local at = redis.pcall('PEXPIRETIME', key)
-  if type(at) == 'table' then
+  local at = false
+  if has_expiretime ~= false then
+    at = redis.pcall('PEXPIRETIME', key)
+    has_expiretime = type(at) ~= 'table'
+  end
+  if not has_expiretime then
     pttl = redis.call('PTTL', key)
   elseif at < 0 then
     pttl = at
