@@ -313,7 +313,7 @@ def decode_image(payloads: Sequence[Payload]) -> DecodedImage:
         if obj[1] == b"string" and not obj[3]:  # most keys: the fast path
             append(RuntimeEntry(key, string, obj[2], None, None))
         else:
-            append(_entry_of(obj, None if expiry is None else expiry - captured_at))
+            append(entry_of(obj, None if expiry is None else expiry - captured_at))
         digests.append(digest)
         current[key] = (digest, expiry)
     return DecodedImage(entries, captured_at, runtime_hash(digests), frame, current)
@@ -332,7 +332,7 @@ def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def _entry_of(obj: list[Any], pttl: int | None) -> RuntimeEntry:
+def entry_of(obj: list[Any], pttl: int | None) -> RuntimeEntry:
     """A row (decoded, strings as bytes) as an entry with the given TTL left."""
     key, type_name, value, has_ttl, native = obj
     rtype = _TYPES_RAW.get(type_name)
@@ -356,4 +356,4 @@ def decode_row(row: bytes, pttl: int | None) -> RuntimeEntry:
         obj = msgpack.unpackb(row, raw=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise CorruptCheckpointError(f"a row cannot be decoded: {exc}") from exc
-    return _entry_of(obj, None if pttl is None or pttl < 0 else pttl)
+    return entry_of(obj, None if pttl is None or pttl < 0 else pttl)

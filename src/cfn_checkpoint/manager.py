@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .codec import compress, decompress_verified, encode_tables, state_hashes
+from .codec import compress, decode_tables, decompress_verified, encode_tables, state_hashes
 from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents, verify_contents
 from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states, ttl_moves
@@ -51,6 +51,7 @@ from .model import (
     CheckpointStatus,
     CheckpointTrigger,
     RecoveryResult,
+    TableRows,
     TaskState,
     TaskSummary,
 )
@@ -59,6 +60,7 @@ from .runtime.lock import TaskLock
 from .runtime.redis_runtime import RedisRuntime, connect
 from .runtime.writer import TaskWriter
 from .scheduler import Listener, PeriodicCheckpointer
+from .stream import check_streamed, create_streamed, restore_streamed, streamable
 from .transfer import read_export, write_export
 
 
@@ -97,6 +99,14 @@ def _metadata(value: Mapping[str, Any] | None) -> dict[str, Any]:
 _VERIFIED_CACHE = 200_000
 #: For how many tasks a manager remembers the newest checkpoint's keyframe and key index.
 _KNOWN_TASKS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Streamed:
+    """A large checkpoint verified for a recovery that streams it back."""
+
+    meta: CheckpointMetadata
+    manifest: list[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +284,24 @@ class CheckpointManager:
         checkpoint_id = f"cp_{task_id}_{started:%Y%m%dT%H%M%S%f}_{secrets.token_hex(3)}"
         cfg = self.config
         newest = self._newest_usable(task_id)
+        if (newest is None or newest.key_count > cfg.stream_min_keys) and (
+            self.runtime.dbsize() > cfg.stream_min_keys
+        ):
+            keys = self.runtime.task_keys(task_id)
+            if len(keys) > cfg.stream_min_keys:
+                draft = CheckpointMetadata(
+                    checkpoint_id=checkpoint_id,
+                    task_id=task_id,
+                    trigger=trigger,
+                    status=CheckpointStatus.IN_PROGRESS,
+                    state_hash="",
+                    runtime_state_hash="",
+                    durable_state_hash="",
+                    created_at=started,
+                    metadata=extra,
+                )
+                lock.check()
+                return create_streamed(self, draft, keys, newest)
         known = self._known_state(task_id, newest)
         # Redis leaves out the rows the keyframe already holds: only changes travel.
         base = {k: d for k, (d, _) in known.keyframe.index.items()} if known else None
@@ -563,7 +591,9 @@ class CheckpointManager:
         if not (restore_runtime or restore_durable):
             raise ValidationError("nothing to recover: both runtime and durable tiers are off")
         with self._task_lock(task_id):
-            contents, notes = self._choose(task_id, checkpoint_id)
+            chosen, notes = self._choose(task_id, checkpoint_id)
+            assert isinstance(chosen, CheckpointContents)  # not streamed: plans are in memory
+            contents = chosen
             self._check_owned(contents)
             restorable, lapsed = self.restorable_state(contents)
             live = self.live_state(task_id)
@@ -676,12 +706,12 @@ class CheckpointManager:
         if not (restore_runtime or restore_durable):
             raise ValidationError("nothing to recover: both runtime and durable tiers are off")
         with self._task_lock(task_id):
-            loaded, notes = self._choose(task_id, checkpoint_id)
+            loaded, notes = self._choose(task_id, checkpoint_id, streamed=True)
             return self._restore(loaded, notes, restore_runtime, restore_durable)
 
     def _choose(
-        self, task_id: str, checkpoint_id: str | None
-    ) -> tuple[CheckpointContents, list[str]]:
+        self, task_id: str, checkpoint_id: str | None, *, streamed: bool = False
+    ) -> tuple[CheckpointContents | _Streamed, list[str]]:
         if checkpoint_id is not None:
             meta = self.get_checkpoint(checkpoint_id)
             if meta.task_id != task_id:
@@ -692,14 +722,14 @@ class CheckpointManager:
                 raise ValidationError(
                     f"checkpoint {checkpoint_id} is {meta.status.value}; it cannot be recovered"
                 )
-            return self._load(meta, skills=False), []
+            return self._load_for_recovery(meta, streamed), []
         candidates = self.store.usable_checkpoints(task_id)
         if not candidates:
             raise CheckpointNotFoundError(f"task {task_id} has no completed checkpoint")
         notes: list[str] = []
         for meta in candidates:
             try:
-                loaded = self._load(meta, skills=False)
+                loaded = self._load_for_recovery(meta, streamed)
             except CorruptCheckpointError as exc:
                 notes.append(f"skipped corrupt checkpoint {meta.checkpoint_id}: {exc}")
                 continue
@@ -710,8 +740,20 @@ class CheckpointManager:
             f"every checkpoint of task {task_id} is corrupt; " + "; ".join(notes)
         )
 
+    def _load_for_recovery(
+        self, meta: CheckpointMetadata, streamed: bool
+    ) -> CheckpointContents | _Streamed:
+        """A checkpoint verified for recovery: in memory, or (a large keyframe, when the
+        caller can stream) verified in one pass and written back chunk by chunk."""
+        if streamed and meta.key_count > self.config.stream_min_keys:
+            with self.store.reading():
+                manifest = self.store.manifest(meta.checkpoint_id)
+            if streamable(manifest):
+                return _Streamed(meta, check_streamed(self, meta))
+        return self._load(meta, skills=False)
+
     def _restore(
-        self, loaded: CheckpointContents, notes: list[str], runtime: bool, durable: bool
+        self, loaded: CheckpointContents | _Streamed, notes: list[str], runtime: bool, durable: bool
     ) -> RecoveryResult:
         meta = loaded.meta
         result = RecoveryResult(
@@ -738,7 +780,7 @@ class CheckpointManager:
                 # the runtime restore: an error in either leaves both as they were.
                 with self.store.atomic() as db:
                     result.rows_restored = self.store.replace_task_rows(
-                        db, meta.task_id, loaded.tables
+                        db, meta.task_id, self._tables_of(loaded)
                     )
                     result.durable_state_restored = True
                     if runtime:
@@ -776,7 +818,22 @@ class CheckpointManager:
             notes="; ".join(result.errors) or None,
         )
 
-    def _restore_runtime(self, loaded: CheckpointContents, result: RecoveryResult) -> None:
+    def _tables_of(self, loaded: CheckpointContents | _Streamed) -> dict[str, TableRows]:
+        if isinstance(loaded, CheckpointContents):
+            return loaded.tables
+        (digest,) = [d for k, d in loaded.manifest if k == "durable"]
+        raw = decompress_verified(digest, self.store.load_payloads([digest])[digest])
+        return decode_tables(digest, raw)
+
+    def _restore_runtime(
+        self, loaded: CheckpointContents | _Streamed, result: RecoveryResult
+    ) -> None:
+        if isinstance(loaded, _Streamed):
+            written, removed, expired = restore_streamed(self, loaded.meta, loaded.manifest)
+            result.runtime_state_restored = True
+            result.keys_restored, result.keys_removed = written, removed
+            result.keys_expired, result.atomic = expired, False
+            return
         cfg = self.config
         stats = self.runtime.restore(
             loaded.meta.task_id,

@@ -176,6 +176,9 @@ class CheckpointConfig:
     #: at the price of blocking Redis for the scan (about 7 ms at 10,000 keys here). On a
     #: larger database they SCAN from the client and check again after reading.
     scan_in_script_max_keys: int = 10_000
+    #: Tasks with more keys than this are checkpointed and recovered a batch at a time,
+    #: in bounded memory (always a full keyframe, never point in time).
+    stream_min_keys: int = 200_000
     #: Seconds to wait for another create or recover of the same task.
     lock_timeout: float = 60.0
     #: zstandard compression level for payloads.

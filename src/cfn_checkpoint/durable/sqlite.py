@@ -457,6 +457,31 @@ class SqliteStore:
                 (intact, len(intact), digest),
             )
 
+    def put_payload(self, db: sqlite3.Connection, digest: str, raw_size: int, data: bytes) -> int:
+        """Inside ``atomic()``: store one payload unless stored; returns the bytes added."""
+        cursor = db.execute(
+            "INSERT INTO payloads (digest, raw_size, stored_size, data) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (digest) DO NOTHING",
+            (digest, raw_size, len(data), data),
+        )
+        return len(data) if cursor.rowcount else 0
+
+    def put_checkpoint(
+        self, db: sqlite3.Connection, meta: CheckpointMetadata, manifest: Sequence[tuple[str, str]]
+    ) -> None:
+        """Inside ``atomic()``: the catalog row and manifest of a checkpoint whose payloads
+        are stored already (in the same transaction)."""
+        db.executemany(
+            "INSERT INTO checkpoint_payloads (checkpoint_id, ordinal, kind, digest) "
+            "VALUES (?, ?, ?, ?)",
+            [(meta.checkpoint_id, i, kind, d) for i, (kind, d) in enumerate(manifest)],
+        )
+        self._insert_catalog(db, meta)
+
+    def newest_usable(self, db: sqlite3.Connection, task_id: str) -> CheckpointMetadata | None:
+        """Inside a transaction: the task's newest completed or recovered checkpoint."""
+        return self._newest_usable(db, task_id)
+
     def _insert_catalog(self, db: sqlite3.Connection, m: CheckpointMetadata) -> None:
         db.execute(
             f"INSERT INTO checkpoints ({_CATALOG_COLUMNS}) VALUES ({', '.join('?' * 20)})",

@@ -206,6 +206,30 @@ class RedisRuntime:
             replies.extend(batch)
         return _snapshot(task_id, first_ms or self.server_time_ms(), replies, False, version)
 
+    def read_batches(
+        self, keys: Sequence[bytes], batch_keys: int
+    ) -> Iterator[tuple[int, list[Any]]]:
+        """Read ``keys`` (sorted) a batch at a time, for tasks too large to hold at once.
+
+        Yields ``(capture clock, replies)``: ``{key, digest, pttl, row, size}`` per key
+        still there, every TTL shifted onto the first batch's clock.
+        """
+        first_ms = 0
+        for start in range(0, len(keys), batch_keys):
+            batch_ms, batch = self._read(keys[start : start + batch_keys], b"")
+            if not first_ms:
+                first_ms = batch_ms
+            elif batch_ms != first_ms:
+                shift = batch_ms - first_ms
+                batch = [r if r[2] < 0 else [r[0], r[1], r[2] + shift, *r[3:]] for r in batch]
+            yield first_ms, batch
+
+    def write_entries(
+        self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]
+    ) -> int:
+        """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
+        return self._write([], writes)[0]
+
     def _scan_read(self, task_id: str, max_keys: int, known: bytes) -> tuple[int, Any] | None:
         args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count, known]
         args.extend(self.layout.task_prefixes(task_id))
@@ -262,6 +286,11 @@ class RedisRuntime:
         for start in range(0, len(writes), batch_keys):
             written += self._write([], writes[start : start + batch_keys])[0]
         return RestoreStats(written, removed, len(lapsed), False)
+
+    def dbsize(self) -> int:
+        """Keys in the whole database (O(1) on the server)."""
+        with redis_errors("counting keys"):
+            return int(self.client.dbsize())
 
     def _small_database(self, task_keys: int = 0) -> bool:
         """Whether a SCAN inside a script is cheap enough: the database is small, or not

@@ -1,0 +1,213 @@
+"""Checkpoints of tasks too large to hold in memory at once (``stream_min_keys`` and up).
+
+Create reads the task a batch at a time (not point in time: the checkpoint says so)
+and writes each 1 MiB chunk of rows as soon as it is full, all in one durable
+transaction, keeping only the running runtime hash and the TTLs. Such a checkpoint
+is always a keyframe. Recovery first checks every payload and the runtime hash in
+one pass, then removes the task's keys and writes the rows back chunk by chunk.
+Memory stays bounded by a batch and a chunk, plus the task's key names and TTLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .codec import compress, decompress_verified, encode_tables, make_payload, state_hashes
+from .durable.schema import SKILL_TABLE
+from .durable.sqlite import utcnow
+from .errors import CorruptCheckpointError, RestoreError
+from .image import entry_of
+from .model import CheckpointMetadata, CheckpointStatus, RuntimeEntry
+
+if TYPE_CHECKING:
+    from .manager import CheckpointManager
+
+_CHUNK_MASK = 0x3FF
+_CHUNK_MAX_BYTES = 1 << 20
+
+
+class _Same(Exception):
+    """Rolls the transaction back: the task is unchanged."""
+
+
+def create_streamed(
+    manager: CheckpointManager,
+    meta: CheckpointMetadata,
+    keys: Sequence[bytes],
+    newest: CheckpointMetadata | None,
+) -> CheckpointMetadata:
+    """Checkpoint a large task; ``meta`` carries id, task, trigger, times and metadata."""
+    cfg = manager.config
+    store = manager.store
+    durable = store.read_durable(meta.task_id)
+    durable_payload = encode_tables("durable", durable.tables)
+    skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
+    runtime = hashlib.sha256()
+    expiring: list[list[Any]] = []
+    manifest: list[tuple[str, str]] = []
+    chunk: list[bytes] = []
+    count = row_bytes = stored = 0
+    captured_at = 0
+    level = cfg.compression_level
+
+    def flush(db: Any) -> None:
+        nonlocal chunk, stored
+        raw = b"".join(chunk)
+        digest = hashlib.sha256(raw).hexdigest()
+        stored += store.put_payload(db, digest, len(raw), compress(raw, level))
+        manifest.append(("base", digest))
+        chunk = []
+
+    try:
+        with store.atomic() as db:
+            size = 0
+            for captured_at, replies in manager.runtime.read_batches(keys, cfg.batch_keys):
+                for key, digest, pttl, row, row_size in replies:
+                    runtime.update(digest)
+                    count += 1
+                    row_bytes += row_size
+                    if pttl >= 0:
+                        expiring.append([key, captured_at + pttl])
+                    chunk.append(row)
+                    size += len(row)
+                    if (zlib.crc32(key) & _CHUNK_MASK) == 0 or size >= _CHUNK_MAX_BYTES:
+                        flush(db)
+                        size = 0
+            if chunk:
+                flush(db)
+            runtime_hash = runtime.hexdigest()
+            state_hash, durable_hash = state_hashes(
+                runtime_hash, durable_payload.digest, skills_payload.digest
+            )
+            if newest is not None and newest.state_hash == state_hash:
+                raise _Same
+            ttl = make_payload("ttl", [captured_at, expiring])
+            for p in (ttl, durable_payload, skills_payload):
+                stored += store.put_payload(db, p.digest, len(p.raw), compress(p.raw, level))
+                manifest.append((p.kind, p.digest))
+            done = CheckpointMetadata(
+                checkpoint_id=meta.checkpoint_id,
+                task_id=meta.task_id,
+                trigger=meta.trigger,
+                status=CheckpointStatus.COMPLETED,
+                state_hash=state_hash,
+                runtime_state_hash=runtime_hash,
+                durable_state_hash=durable_hash,
+                created_at=meta.created_at,
+                completed_at=utcnow(),
+                metadata=meta.metadata,
+                key_count=count,
+                row_count=durable.row_count,
+                raw_bytes=row_bytes + len(durable_payload.raw) + len(skills_payload.raw),
+                stored_bytes=stored,
+                point_in_time=False,
+                redis_version=manager.runtime.version(),
+            )
+            store.put_checkpoint(db, done, manifest)
+    except _Same:
+        assert newest is not None
+        return newest
+    return done
+
+
+def streamable(manifest: Sequence[tuple[str, str]]) -> bool:
+    """Whether a checkpoint can be recovered chunk by chunk (a keyframe)."""
+    return not any(kind in ("delta", "basettl") for kind, _ in manifest)
+
+
+def _rows(digest: str, raw: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """``(row digest, row bytes)`` of each row of a base chunk, without decoding them."""
+    unpacker = msgpack.Unpacker(raw=True)
+    unpacker.feed(raw)
+    start = 0
+    try:
+        while True:
+            try:
+                unpacker.skip()
+            except msgpack.OutOfData:
+                return
+            end = unpacker.tell()
+            row = raw[start:end]
+            yield hashlib.sha1(row).hexdigest().encode(), row
+            start = end
+    except CorruptCheckpointError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise CorruptCheckpointError(f"payload {digest[:12]} cannot be decoded: {exc}") from exc
+
+
+def check_streamed(manager: CheckpointManager, meta: CheckpointMetadata) -> list[tuple[str, str]]:
+    """Verify a large keyframe checkpoint in one pass; returns its manifest."""
+    manifest = manager.store.manifest(meta.checkpoint_id)
+    name = f"checkpoint {meta.checkpoint_id}"
+    runtime = hashlib.sha256()
+    count = 0
+    for kind, digest in manifest:
+        if kind != "base":
+            continue
+        raw = _load(manager, digest, name)
+        for row_digest, _ in _rows(digest, raw):
+            runtime.update(row_digest)
+            count += 1
+    durable = [d for k, d in manifest if k == "durable"]
+    skills = [d for k, d in manifest if k == "skills"]
+    if len(durable) != 1 or len(skills) != 1:
+        raise CorruptCheckpointError(f"{name} has a malformed manifest")
+    if runtime.hexdigest() != meta.runtime_state_hash:
+        raise CorruptCheckpointError(f"{name}: its runtime keys do not match their hash")
+    if state_hashes(runtime.hexdigest(), durable[0], skills[0])[0] != meta.state_hash:
+        raise CorruptCheckpointError(f"{name} does not match its state hash")
+    if count != meta.key_count:
+        raise CorruptCheckpointError(
+            f"{name} holds {count} keys, its catalog row says {meta.key_count}"
+        )
+    return manifest
+
+
+def _load(manager: CheckpointManager, digest: str, name: str) -> bytes:
+    stored = manager.store.load_payloads([digest])
+    if digest not in stored:
+        raise CorruptCheckpointError(f"{name} is missing payload {digest[:12]}")
+    try:
+        return decompress_verified(digest, stored[digest])
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{name}: {exc}") from exc
+
+
+def restore_streamed(
+    manager: CheckpointManager, meta: CheckpointMetadata, manifest: Sequence[tuple[str, str]]
+) -> tuple[int, int, int]:
+    """Write a verified large checkpoint back; returns (written, removed, expired)."""
+    name = f"checkpoint {meta.checkpoint_id}"
+    runtime = manager.runtime
+    (ttl_digest,) = [d for k, d in manifest if k == "ttl"]
+    captured_at, pairs = msgpack.unpackb(_load(manager, ttl_digest, name), raw=False)
+    expiries = {bytes(k): int(x) for k, x in pairs}
+    prefixes = manager.layout.task_prefixes(meta.task_id)
+    removed = runtime.delete_task(meta.task_id)
+    written = expired = 0
+    for kind, digest in manifest:
+        if kind != "base":
+            continue
+        entries: list[RuntimeEntry] = []
+        for _, row in _rows(digest, _load(manager, digest, name)):
+            obj = msgpack.unpackb(row, raw=True)
+            key = obj[0]
+            if not key.startswith(prefixes):
+                raise RestoreError(f"checkpoint key {key!r} does not belong to task {meta.task_id}")
+            expiry = expiries.get(key)
+            entries.append(entry_of(obj, None if expiry is None else expiry - captured_at))
+        writes, lapsed = runtime.plan_ttls(
+            meta.task_id, entries, captured_at, manager.config.ttl_policy
+        )
+        expired += len(lapsed)
+        for start in range(0, len(writes), manager.config.batch_keys):
+            written += runtime.write_entries(
+                meta.task_id, writes[start : start + manager.config.batch_keys]
+            )
+    return written, removed, expired
