@@ -194,17 +194,11 @@ class RedisRuntime:
                 return _snapshot(task_id, now_ms, rows, True, version)
             keys = sorted(set(keys) | set(later))
         replies: list[Any] = []
-        first_ms = 0
-        for start in range(0, len(keys), batch_keys):
-            batch_ms, batch = self._read(keys[start : start + batch_keys], b"")
-            if not first_ms:
-                first_ms = batch_ms
-            elif batch_ms != first_ms:
-                # TTLs are kept relative to one capture clock: shift this batch's onto it.
-                shift = batch_ms - first_ms
-                batch = [r if r[2] < 0 else [r[0], r[1], r[2] + shift, *r[3:]] for r in batch]
+        clock = 0
+        for batch_clock, batch in self.read_batches(keys, batch_keys):
+            clock = batch_clock  # the same for every batch: the first one's
             replies.extend(batch)
-        return _snapshot(task_id, first_ms or self.server_time_ms(), replies, False, version)
+        return _snapshot(task_id, clock or self.server_time_ms(), replies, False, version)
 
     def read_batches(
         self, keys: Sequence[bytes], batch_keys: int
@@ -220,13 +214,12 @@ class RedisRuntime:
             if not first_ms:
                 first_ms = batch_ms
             elif batch_ms != first_ms:
+                # TTLs are kept relative to one capture clock: shift this batch's onto it.
                 shift = batch_ms - first_ms
                 batch = [r if r[2] < 0 else [r[0], r[1], r[2] + shift, *r[3:]] for r in batch]
             yield first_ms, batch
 
-    def write_entries(
-        self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]
-    ) -> int:
+    def write_entries(self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]) -> int:
         """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
         return self._write([], writes)[0]
 
