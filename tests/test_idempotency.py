@@ -121,3 +121,20 @@ def test_renewed_ttl_makes_a_new_checkpoint_that_shares_the_content(
     result = manager.recover_from_checkpoint("t")
     assert result.checkpoint_id == second.checkpoint_id and result.keys_expired == 0
     assert client.get(lock) == b"owner" and client.pttl(lock) > 50_000
+
+
+def test_same_hash_or_set_in_another_order_is_unchanged(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    h, s = layout.key("agent", "t", "h"), layout.key("agent", "t", "s")
+    client.hset(h, mapping={b"z": b"1", b"a": b"2", b"\xff": b"3"})
+    client.sadd(s, b"b", b"a", b"\x00")
+    first = manager.create_checkpoint("t")
+    client.hdel(h, b"z")
+    client.hset(h, b"z", b"1")  # same content, another internal order
+    client.srem(s, b"b")
+    client.sadd(s, b"b")
+    assert manager.create_checkpoint("t").checkpoint_id == first.checkpoint_id
+    manager.runtime.delete_task("t")
+    manager.recover_from_checkpoint("t")  # written back in sorted order
+    assert manager.create_checkpoint("t").checkpoint_id == first.checkpoint_id

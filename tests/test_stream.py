@@ -12,6 +12,7 @@ from cfn_checkpoint import (
     CheckpointManager,
     CorruptCheckpointError,
     KeyLayout,
+    RestoreError,
 )
 
 from conftest import task_state
@@ -85,3 +86,44 @@ def test_damaged_large_checkpoint_is_refused_before_writing(
     assert task_state(client, prefix) == current  # nothing was written
     result = streamed.recover_from_checkpoint("big")
     assert result.checkpoint_id == good.checkpoint_id and result.errors
+
+
+def test_damaged_newest_large_checkpoint_is_not_returned_as_unchanged(
+    streamed: CheckpointManager, layout: KeyLayout, prefix: str, redis_url: str, db_url: str
+) -> None:
+    client = streamed.runtime.client
+    write_state(client, layout, "big", _state(80))
+    first = streamed.create_checkpoint("big")
+    with streamed.store.atomic() as db:
+        db.execute(
+            "UPDATE payloads SET data = X'00' WHERE digest = (SELECT digest FROM "
+            "checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'base' LIMIT 1)",
+            (first.checkpoint_id,),
+        )
+    expected = task_state(client, prefix)
+    with CheckpointManager.open(redis_url, db_url, layout=layout, config=SMALL) as fresh:
+        again = fresh.create_checkpoint("big")  # unchanged, but the newest is damaged
+        assert again.checkpoint_id != first.checkpoint_id
+        fresh.verify_checkpoint(first.checkpoint_id)  # repaired by the new one
+        fresh.runtime.delete_task("big")
+        fresh.recover_from_checkpoint("big")
+        assert task_state(client, prefix) == expected
+
+
+def test_stream_from_newer_redis_is_refused_before_the_large_task_is_touched(
+    redis7_url: str, redis62_url: str, tmp_path: Any, prefix: str
+) -> None:
+    layout = KeyLayout(prefix=prefix)
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    with CheckpointManager.open(redis7_url, db, layout=layout, config=SMALL) as source:
+        write_state(source.runtime.client, layout, "big", _state(60))
+        source.runtime.client.xadd(layout.key("signal", "big", "events"), {b"k": b"v"})
+        meta = source.create_checkpoint("big")
+        source.runtime.delete_task("big")
+    with CheckpointManager.open(redis62_url, db, layout=layout, config=SMALL) as target:
+        write_state(target.runtime.client, layout, "big", _state(61, version=9))
+        before = task_state(target.runtime.client, prefix)
+        with pytest.raises(RestoreError, match="nothing was written"):
+            target.recover_from_checkpoint("big", meta.checkpoint_id)
+        assert task_state(target.runtime.client, prefix) == before
+        target.runtime.delete_task("big")

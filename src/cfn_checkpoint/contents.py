@@ -9,7 +9,7 @@ from .codec import Payload, decode_tables, decompress_verified, state_hashes
 from .durable.schema import SKILL_TABLE
 from .errors import CorruptCheckpointError
 from .image import Keyframe, decode_image
-from .model import CheckpointMetadata, RuntimeEntry, TableRows
+from .model import FORMAT_VERSION, CheckpointMetadata, RuntimeEntry, TableRows
 
 #: Payload kinds that hold runtime keys.
 RUNTIME_KINDS = frozenset({"base", "basettl", "delta", "ttl"})
@@ -63,6 +63,11 @@ def _verify(
     name: str,
     skills: bool,
 ) -> CheckpointContents:
+    if meta.format_version != FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{name} uses storage format {meta.format_version}; this version reads "
+            f"format {FORMAT_VERSION}"
+        )
     try:
         (durable,) = [d for k, d in manifest if k == "durable"]
         (skill_digest,) = [d for k, d in manifest if k == "skills"]

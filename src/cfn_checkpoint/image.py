@@ -334,6 +334,13 @@ def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:
 
 def entry_of(obj: list[Any], pttl: int | None) -> RuntimeEntry:
     """A row (decoded, strings as bytes) as an entry with the given TTL left."""
+    try:
+        return _entry_of(obj, pttl)
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"a row is malformed: {exc}") from exc
+
+
+def _entry_of(obj: list[Any], pttl: int | None) -> RuntimeEntry:
     key, type_name, value, has_ttl, native = obj
     rtype = _TYPES_RAW.get(type_name)
     if rtype is None:

@@ -51,6 +51,7 @@ from .model import (
     CheckpointStatus,
     CheckpointTrigger,
     RecoveryResult,
+    RuntimeEntry,
     TableRows,
     TaskState,
     TaskSummary,
@@ -107,6 +108,8 @@ class _Streamed:
 
     meta: CheckpointMetadata
     manifest: list[tuple[str, str]]
+    #: Its DUMP entries, checked against the target server before anything is written.
+    dumps: list[RuntimeEntry]
 
 
 @dataclass(frozen=True, slots=True)
@@ -749,7 +752,8 @@ class CheckpointManager:
             with self.store.reading():
                 manifest = self.store.manifest(meta.checkpoint_id)
             if streamable(manifest):
-                return _Streamed(meta, check_streamed(self, meta))
+                checked, dumps = check_streamed(self, meta)
+                return _Streamed(meta, checked, dumps)
         return self._load(meta, skills=False)
 
     def _restore(
@@ -829,7 +833,9 @@ class CheckpointManager:
         self, loaded: CheckpointContents | _Streamed, result: RecoveryResult
     ) -> None:
         if isinstance(loaded, _Streamed):
-            written, removed, expired = restore_streamed(self, loaded.meta, loaded.manifest)
+            written, removed, expired = restore_streamed(
+                self, loaded.meta, loaded.manifest, loaded.dumps
+            )
             result.runtime_state_restored = True
             result.keys_restored, result.keys_removed = written, removed
             result.keys_expired, result.atomic = expired, False

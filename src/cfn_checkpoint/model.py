@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from .errors import ValidationError
 
 #: Version of the stored checkpoint format (payload encoding and manifest).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class CheckpointTrigger(StrEnum):

@@ -55,14 +55,25 @@ def create_streamed(
     captured_at = 0
     level = cfg.compression_level
 
+    def put(db: Any, digest: str, raw: bytes) -> None:
+        nonlocal stored
+        data = compress(raw, level)
+        added = store.put_payload(db, digest, len(raw), data)
+        if not added and digest not in manager._verified:
+            store.repair_payload(db, digest, data)  # a damaged stored copy is replaced
+        stored += added
+
     def flush(db: Any) -> None:
-        nonlocal chunk, stored
+        nonlocal chunk
         raw = b"".join(chunk)
         digest = hashlib.sha256(raw).hexdigest()
-        stored += store.put_payload(db, digest, len(raw), compress(raw, level))
+        put(db, digest, raw)
         manifest.append(("base", digest))
         chunk = []
 
+    # Checked before writing: the writes below repair damaged payloads they share, and a
+    # check made after them would see the repair that a rollback then undoes.
+    newest_intact = newest is not None and _intact(manager, newest)
     try:
         with store.atomic() as db:
             size = 0
@@ -84,11 +95,11 @@ def create_streamed(
             state_hash, durable_hash = state_hashes(
                 runtime_hash, durable_payload.digest, skills_payload.digest
             )
-            if newest is not None and newest.state_hash == state_hash:
+            if newest_intact and newest is not None and newest.state_hash == state_hash:
                 raise _Same
             ttl = make_payload("ttl", [captured_at, expiring])
             for p in (ttl, durable_payload, skills_payload):
-                stored += store.put_payload(db, p.digest, len(p.raw), compress(p.raw, level))
+                put(db, p.digest, p.raw)
                 manifest.append((p.kind, p.digest))
             done = CheckpointMetadata(
                 checkpoint_id=meta.checkpoint_id,
@@ -112,7 +123,21 @@ def create_streamed(
     except _Same:
         assert newest is not None
         return newest
+    manager._trust(d for _, d in manifest)
     return done
+
+
+def _intact(manager: CheckpointManager, meta: CheckpointMetadata) -> bool:
+    """Whether every payload of a checkpoint passes its hash (checked one at a time)."""
+    for _, digest in manager.store.manifest(meta.checkpoint_id):
+        if digest in manager._verified:
+            continue
+        try:
+            _load(manager, digest, f"checkpoint {meta.checkpoint_id}")
+        except CorruptCheckpointError:
+            return False
+        manager._trust([digest])
+    return True
 
 
 def streamable(manifest: Sequence[tuple[str, str]]) -> bool:
@@ -141,19 +166,37 @@ def _rows(digest: str, raw: bytes) -> Iterator[tuple[bytes, bytes]]:
         raise CorruptCheckpointError(f"payload {digest[:12]} cannot be decoded: {exc}") from exc
 
 
-def check_streamed(manager: CheckpointManager, meta: CheckpointMetadata) -> list[tuple[str, str]]:
-    """Verify a large keyframe checkpoint in one pass; returns its manifest."""
+def check_streamed(
+    manager: CheckpointManager, meta: CheckpointMetadata
+) -> tuple[list[tuple[str, str]], list[RuntimeEntry]]:
+    """Verify a large keyframe checkpoint in one pass, before anything is written.
+
+    Returns its manifest and its DUMP entries (streams and module types), which the
+    target server must be able to read. A key outside the task under this layout is
+    refused here too.
+    """
     manifest = manager.store.manifest(meta.checkpoint_id)
     name = f"checkpoint {meta.checkpoint_id}"
+    prefixes = manager.layout.task_prefixes(meta.task_id)
     runtime = hashlib.sha256()
+    dumps: list[RuntimeEntry] = []
     count = 0
     for kind, digest in manifest:
         if kind != "base":
             continue
         raw = _load(manager, digest, name)
-        for row_digest, _ in _rows(digest, raw):
+        for row_digest, row in _rows(digest, raw):
             runtime.update(row_digest)
             count += 1
+            obj = msgpack.unpackb(row, raw=True)
+            if not isinstance(obj, list) or not obj or not isinstance(obj[0], bytes):
+                raise CorruptCheckpointError(f"{name}: payload {digest[:12]} has a bad row")
+            if not obj[0].startswith(prefixes):
+                raise RestoreError(
+                    f"checkpoint key {obj[0]!r} does not belong to task {meta.task_id}"
+                )
+            if obj[1] == b"dump":
+                dumps.append(entry_of(obj, None))
     durable = [d for k, d in manifest if k == "durable"]
     skills = [d for k, d in manifest if k == "skills"]
     if len(durable) != 1 or len(skills) != 1:
@@ -166,7 +209,7 @@ def check_streamed(manager: CheckpointManager, meta: CheckpointMetadata) -> list
         raise CorruptCheckpointError(
             f"{name} holds {count} keys, its catalog row says {meta.key_count}"
         )
-    return manifest
+    return manifest, dumps
 
 
 def _load(manager: CheckpointManager, digest: str, name: str) -> bytes:
@@ -180,11 +223,15 @@ def _load(manager: CheckpointManager, digest: str, name: str) -> bytes:
 
 
 def restore_streamed(
-    manager: CheckpointManager, meta: CheckpointMetadata, manifest: Sequence[tuple[str, str]]
+    manager: CheckpointManager,
+    meta: CheckpointMetadata,
+    manifest: Sequence[tuple[str, str]],
+    dumps: Sequence[RuntimeEntry],
 ) -> tuple[int, int, int]:
     """Write a verified large checkpoint back; returns (written, removed, expired)."""
     name = f"checkpoint {meta.checkpoint_id}"
     runtime = manager.runtime
+    runtime.check_dumps(meta.task_id, dumps)  # refused here, before the task is touched
     (ttl_digest,) = [d for k, d in manifest if k == "ttl"]
     captured_at, pairs = msgpack.unpackb(_load(manager, ttl_digest, name), raw=False)
     expiries = {bytes(k): int(x) for k, x in pairs}

@@ -433,7 +433,7 @@ class SqliteStore:
                 if cursor.rowcount:
                     stored += len(data)
                 elif digest not in trusted:
-                    self._repair(db, digest, data)
+                    self.repair_payload(db, digest, data)
             db.executemany(
                 "INSERT INTO checkpoint_payloads (checkpoint_id, ordinal, kind, digest) "
                 "VALUES (?, ?, ?, ?)",
@@ -443,7 +443,8 @@ class SqliteStore:
             self._insert_catalog(db, done)
         return done
 
-    def _repair(self, db: sqlite3.Connection, digest: str, intact: bytes) -> None:
+    def repair_payload(self, db: sqlite3.Connection, digest: str, intact: bytes) -> None:
+        """Inside ``atomic()``: replace a stored payload by ``intact`` if it fails its hash."""
         (current,) = db.execute(
             "SELECT CAST(data AS BLOB) FROM payloads WHERE digest = ?", (digest,)
         ).fetchone()

@@ -261,7 +261,7 @@ class RedisRuntime:
                     f"checkpoint key {entry.key!r} does not belong to task {task_id}"
                 )
         writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
-        self._check_dumps(task_id, [entry for entry, _ in writes])
+        self.check_dumps(task_id, [entry for entry, _ in writes])
         if len(writes) <= atomic_max_keys and self._small_database(len(writes)):
             # Stale keys are found by the script itself: nothing created meanwhile survives.
             written, removed = self._write([], writes, scan_task=task_id)
@@ -320,7 +320,7 @@ class RedisRuntime:
                 writes.append((entry, pttl))
         return writes, lapsed
 
-    def _check_dumps(self, task_id: str, entries: Sequence[RuntimeEntry]) -> None:
+    def check_dumps(self, task_id: str, entries: Sequence[RuntimeEntry]) -> None:
         """Refuse, before anything is written, DUMP payloads this server cannot read.
 
         A script that fails half-way keeps its earlier writes, so a payload from a

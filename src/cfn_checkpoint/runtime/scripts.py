@@ -8,14 +8,14 @@ commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
 
 from __future__ import annotations
 
-#: Lua: ``row(key)`` -> ``{key, digest, pttl, row, size}``, or nil for a key that is gone. The row
-#: is the key as cmsgpack ``[key, type, value, has_ttl, native_type or false]`` (strings
-#: packed raw); value is a bulk string (string; DUMP payload, type ``dump``, for any type
-#: other than string/list/hash/set/zset) or a flat array (list items; set members; hash
-#: field, value, ...; zset member, score, ... in rank order). digest is the row's SHA-1
-#: in hex. pttl is the TTL left at ``now`` (the script's TIME at its start; -1: none).
-#: row is false when ``known[key]`` already holds that digest: the caller has it; size is
-#: the row's length either way.
+#: Lua: ``row(key)`` -> ``{key, digest, pttl, row, size}``, or nil for a key that is gone.
+#: The row is the key as cmsgpack ``[key, type, value, has_ttl, native_type or false]``
+#: (strings packed raw); value is a bulk string (string; DUMP payload, type ``dump``, for
+#: any type other than string/list/hash/set/zset) or a flat array (list items; set
+#: members, sorted; hash field, value, ... sorted by field; zset member, score, ... in
+#: rank order). digest is the row's SHA-1 in hex. pttl is the TTL left at ``now`` (the
+#: script's TIME at its start; -1: none). row is false when ``known[key]`` already
+#: holds that digest (the caller has it); size is the row's length either way.
 #: Building rows and digests here spares the client a pass over every key, and
 #: unchanged keys are not even sent.
 _ROW = r"""
@@ -35,9 +35,22 @@ local function row(key)
   elseif ty == 'list' then
     value = redis.call('LRANGE', key, 0, -1)
   elseif ty == 'hash' then
-    value = redis.call('HGETALL', key)
+    -- Sorted by field, so the same hash always packs to the same row whatever the
+    -- order Redis keeps it in.
+    local flat = redis.call('HGETALL', key)
+    local fields = {}
+    for i = 1, #flat, 2 do
+      fields[#fields + 1] = {flat[i], flat[i + 1]}
+    end
+    table.sort(fields, function(a, b) return a[1] < b[1] end)
+    value = {}
+    for _, pair in ipairs(fields) do
+      value[#value + 1] = pair[1]
+      value[#value + 1] = pair[2]
+    end
   elseif ty == 'set' then
     value = redis.call('SMEMBERS', key)
+    table.sort(value)
   elseif ty == 'zset' then
     value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
   else
