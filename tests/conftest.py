@@ -86,12 +86,17 @@ def prefix() -> str:
     return f"cfn-test-{secrets.token_hex(4)}:"
 
 
+def wipe(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under ``prefix``."""
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+
+
 def _wipe(url: str, prefix: str) -> None:
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
+        wipe(client, prefix)
     finally:
         client.close()
 

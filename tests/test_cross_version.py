@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cfn_checkpoint import CheckpointManager, KeyLayout, RestoreError
 
-from conftest import server_version, task_state
+from conftest import server_version, task_state, wipe
 from strategies import kinds, write_state
 
 CORE = ("string", "list", "hash", "set", "zset")
@@ -27,12 +26,6 @@ core_states = st.dictionaries(
     ),
     max_size=30,
 )
-
-
-def _wipe(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.mark.parametrize("direction", ["7 to 6.2", "6.2 to 7"])
@@ -53,18 +46,18 @@ def test_checkpoint_restores_on_the_other_version(
     layout = KeyLayout(prefix=prefix)
     db = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"  # a fresh store per example
     with CheckpointManager.open(source_url, db, layout=layout) as source:
-        _wipe(source.runtime.client, prefix)
+        wipe(source.runtime.client, prefix)
         state = {**state, ("agent", b"anchor"): ("string", b"", None)}  # never an empty task
         write_state(source.runtime.client, layout, "task-x", state)
         expected = task_state(source.runtime.client, prefix)
         meta = source.create_checkpoint("task-x")
-        _wipe(source.runtime.client, prefix)
+        wipe(source.runtime.client, prefix)
     with CheckpointManager.open(target_url, db, layout=layout) as target:
-        _wipe(target.runtime.client, prefix)
+        wipe(target.runtime.client, prefix)
         target.runtime.client.set(layout.key("agent", "task-x", "stale"), b"x")
         target.recover_from_checkpoint("task-x", meta.checkpoint_id)
         assert task_state(target.runtime.client, prefix) == expected
-        _wipe(target.runtime.client, prefix)
+        wipe(target.runtime.client, prefix)
 
 
 def test_stream_from_newer_redis_fails_cleanly_on_older(
@@ -77,7 +70,7 @@ def test_stream_from_newer_redis_fails_cleanly_on_older(
         source.runtime.client.xadd(layout.key("signal", "t", "events"), {b"k": b"v"})
         source.runtime.client.set(layout.key("agent", "t", "a"), b"1")
         meta = source.create_checkpoint("t")
-        _wipe(source.runtime.client, prefix)
+        wipe(source.runtime.client, prefix)
     with CheckpointManager.open(redis62_url, db, layout=layout) as target:
         client = target.runtime.client
         client.set(layout.key("agent", "t", "a"), b"current")
@@ -85,4 +78,4 @@ def test_stream_from_newer_redis_fails_cleanly_on_older(
         with pytest.raises(RestoreError, match="stream"):
             target.recover_from_checkpoint("t", meta.checkpoint_id)
         assert task_state(client, prefix) == before
-        _wipe(client, prefix)
+        wipe(client, prefix)

@@ -14,18 +14,12 @@ from hypothesis import strategies as st
 
 from cfn_checkpoint import CheckpointManager, KeyLayout
 
-from conftest import task_state
+from conftest import task_state, wipe
 from strategies import task_states, write_state
 
 
 def _kinds(manager: CheckpointManager, checkpoint_id: str) -> list[str]:
     return [k for k, _ in manager.store.manifest(checkpoint_id)]
-
-
-def _wipe(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -44,7 +38,7 @@ def test_every_checkpoint_of_a_changing_task_recovers_exactly(
     manager = CheckpointManager.open(redis_url, db_url, layout=layout)
     try:
         client = manager.runtime.client
-        _wipe(client, prefix)
+        wipe(client, prefix)
         for i, state in enumerate(states):
             if reopen and i:  # a new process: nothing remembered, the keyframe is reloaded
                 manager.close()

@@ -12,18 +12,12 @@ from hypothesis import HealthCheck, given, settings
 
 from cfn_checkpoint import CheckpointManager, KeyLayout
 
-from conftest import task_state
+from conftest import task_state, wipe
 from strategies import task_states, write_state
 
 
 def _ttls(client: redis.Redis, prefix: str) -> dict[bytes, int]:
     return {k: client.pttl(k) for k in client.scan_iter(match=prefix + "*", count=1000)}
-
-
-def _wipe_prefix(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 #: One key every generated task has.
@@ -61,7 +55,7 @@ def _round_trip(
     later: dict[Any, Any],
 ) -> None:
     client = manager.runtime.client
-    _wipe_prefix(client, prefix)
+    wipe(client, prefix)
     state = {**state, ANCHOR: ("string", b"", None)}  # an empty task is refused, not checkpointed
     write_state(client, layout, "task-1", state)
     # Tasks whose ids share a prefix with task-1, and a key outside every namespace.
