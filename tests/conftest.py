@@ -1,4 +1,12 @@
-"""Real servers for the tests.
+"""Real servers for the tests, and the backend matrix.
+
+The suite runs against every combination of a durable tier and a runtime tier:
+``durable_kind`` in ``CFN_TEST_DURABLE`` (default: every one built) and
+``runtime_kind`` in ``CFN_TEST_RUNTIME``, comma-separated. Fixtures that depend on
+them (``db_url``, ``redis_url``, ``layout``, ``manager``) make a test run once per
+combination; a test id shows which (``[sqlite-redis]``). A test that only makes
+sense on some backends says so with ``@pytest.mark.backends("sqlite", "redis")``
+and is reported as deselected on the others, never skipped silently.
 
 Redis: the server named by ``CFN_TEST_REDIS_URL`` (CI points it at the machine's
 Redis 7), else an embedded ``redis-server`` started for the session. Each test gets
@@ -22,6 +30,55 @@ from cfn_checkpoint.runtime.embedded import bundled_redis_server, find_redis_ser
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+#: Every backend of each tier the matrix knows.
+DURABLE_KINDS = ("sqlite",)
+RUNTIME_KINDS = ("redis",)
+
+
+def _chosen(variable: str, known: tuple[str, ...]) -> list[str]:
+    """The kinds named in ``variable`` (all known ones if unset); unknown names fail."""
+    raw = os.environ.get(variable, "")
+    chosen = [part.strip() for part in raw.split(",") if part.strip()] or list(known)
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        raise pytest.UsageError(f"{variable}: unknown {unknown}; expected some of {known}")
+    return chosen
+
+
+DURABLES = _chosen("CFN_TEST_DURABLE", DURABLE_KINDS)
+RUNTIMES = _chosen("CFN_TEST_RUNTIME", RUNTIME_KINDS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (visibly) the combinations a test's ``backends`` marker rules out."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        params = getattr(item, "callspec", None)
+        chosen = dict(params.params) if params is not None else {}
+        if marker is not None and any(
+            chosen.get(name) not in (None, *marker.args) for name in ("durable_kind", "runtime_kind")
+        ):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(scope="session", params=DURABLES)
+def durable_kind(request: pytest.FixtureRequest) -> str:
+    """The durable tier of this run of the test."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session", params=RUNTIMES)
+def runtime_kind(request: pytest.FixtureRequest) -> str:
+    """The runtime tier of this run of the test."""
+    return str(request.param)
+
 
 def require(condition: bool, reason: str) -> None:
     """Skip when a local machine lacks something; in CI the same gap is a failure."""
@@ -40,14 +97,22 @@ def server_version(url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """The main Redis for tests: the machine's (CFN_TEST_REDIS_URL) or an embedded one."""
+def plain_redis_url() -> Iterator[str]:
+    """A single Redis server: the machine's (CFN_TEST_REDIS_URL) or an embedded one."""
     url = os.environ.get("CFN_TEST_REDIS_URL")
     if url:
         yield url
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_url(runtime_kind: str, plain_redis_url: str) -> str:
+    """The runtime tier's URL for this combination."""
+    if runtime_kind == "redis":
+        return plain_redis_url
+    raise AssertionError(f"no runtime {runtime_kind!r}")
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +126,10 @@ def redis62_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis7_url(redis_url: str) -> Iterator[str]:
+def redis7_url(plain_redis_url: str) -> Iterator[str]:
     """A Redis 7: the main test server if it is one, else an embedded system binary."""
-    if server_version(redis_url).startswith("7"):
-        yield redis_url
+    if server_version(plain_redis_url).startswith("7"):
+        yield plain_redis_url
         return
     try:
         binary = find_redis_server()
@@ -109,9 +174,11 @@ def layout(prefix: str, redis_url: str) -> Iterator[KeyLayout]:
 
 
 @pytest.fixture()
-def db_url(tmp_path: Path) -> str:
-    """A fresh SQLite durable store for this test."""
-    return f"sqlite:///{tmp_path / 'cfn.db'}"
+def db_url(durable_kind: str, tmp_path: Path) -> str:
+    """A fresh, empty durable store of this combination's kind, for this test."""
+    if durable_kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'cfn.db'}"
+    raise AssertionError(f"no durable tier {durable_kind!r}")
 
 
 @pytest.fixture()
