@@ -57,9 +57,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("backends")
         params = getattr(item, "callspec", None)
         chosen = dict(params.params) if params is not None else {}
-        if marker is not None and any(
-            chosen.get(name) not in (None, *marker.args) for name in ("durable_kind", "runtime_kind")
-        ):
+        kinds = ("durable_kind", "runtime_kind")
+        if marker is not None and any(chosen.get(k) not in (None, *marker.args) for k in kinds):
             dropped.append(item)
         else:
             kept.append(item)
