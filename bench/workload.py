@@ -105,10 +105,6 @@ class Key:
         return len(self.key) + sum(len(v) for v in self.value)
 
 
-def _key(role: str, task_id: str, name: str) -> bytes:
-    return KeyLayout().key(role, task_id, name)
-
-
 def _agent_state(rng: random.Random, i: int, iteration: int | None = None) -> bytes:
     state: dict[str, Any] = {
         "agent_id": f"agent-{i:07d}",
@@ -167,8 +163,12 @@ def _ttl(rng: random.Random) -> int:
     return rng.randint(2 * _HOUR_MS, 12 * _HOUR_MS)
 
 
-def generate(n: int, *, seed: int = SEED, task_id: str = TASK_ID) -> Iterator[Key]:
-    """The task's keys, one at a time (so a million need not be held at once)."""
+def generate(
+    n: int, *, seed: int = SEED, task_id: str = TASK_ID, layout: KeyLayout | None = None
+) -> Iterator[Key]:
+    """The task's keys, one at a time (so a million need not be held at once), named
+    by ``layout`` (the reference layout by default)."""
+    _key = (layout or KeyLayout()).key
     c = counts(n)
     rng = random.Random(seed)
     agents = max(1, c.agents)
@@ -268,9 +268,11 @@ def change_fraction(
     *,
     seed: int = SEED,
     task_id: str = TASK_ID,
+    layout: KeyLayout | None = None,
 ) -> int:
     """Change the value of ``fraction`` of the task's keys, chosen at random (seeded),
     keeping each key's type and TTL. Returns how many keys changed."""
+    _key = (layout or KeyLayout()).key
     c = counts(n)
     agents = max(1, c.agents)
     rng = random.Random(seed + 1)
