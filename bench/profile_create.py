@@ -1,6 +1,9 @@
-"""Where a create spends its time: cProfile of one create_checkpoint (default N = 10,000).
+"""Where a create (or a recover) spends its time: cProfile of one call (default N = 10,000).
 
-    python bench/profile_create.py [-n 10000] [--top 10] [--sort cumulative|tottime]
+    python bench/profile_create.py [-n 10000] [--top 10] [--sort cumulative|tottime] [--recover]
+
+With ``--recover`` the profiled call is a recovery of the task (its keys deleted
+first, as after a crash) from the checkpoint just taken.
 
 (Not named ``profile.py``: that would shadow the standard library module cProfile uses.)
 """
@@ -26,6 +29,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--sort", default="cumulative", choices=("cumulative", "tottime"))
+    parser.add_argument("--recover", action="store_true", help="profile a recovery instead")
     args = parser.parse_args()
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-prof-") as tmp:
         assert server.pid is not None
@@ -39,15 +43,23 @@ def main() -> None:
             manager.writer("warm-up").put_agent("a", {"warm": True})
             manager.create_checkpoint("warm-up")
             profiler = cProfile.Profile()
+            if args.recover:
+                meta = manager.create_checkpoint(workload.TASK_ID)
+                manager.recover_from_checkpoint("warm-up")
+                manager.runtime.delete_task(workload.TASK_ID)
             start = time.perf_counter()
             profiler.enable()
-            meta = manager.create_checkpoint(workload.TASK_ID)
+            if args.recover:
+                manager.recover_from_checkpoint(workload.TASK_ID, meta.checkpoint_id)
+            else:
+                meta = manager.create_checkpoint(workload.TASK_ID)
             profiler.disable()
             elapsed = time.perf_counter() - start
         client.close()
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats(args.sort).print_stats(args.top)
-    print(f"create of {meta.key_count:,} keys: {elapsed * 1000:.0f} ms under cProfile")
+    what = "recover" if args.recover else "create"
+    print(f"{what} of {meta.key_count:,} keys: {elapsed * 1000:.0f} ms under cProfile")
     print(stream.getvalue())
 
 
