@@ -65,7 +65,8 @@ from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents
 from .demo import format_report, report_json, run_demo
 from .diff import Change, StateDiff
-from .durable.sqlite import CleanupResult, sqlite_path_from_url
+from .durable.sql import CleanupResult
+from .durable.sqlite import sqlite_path_from_url
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,

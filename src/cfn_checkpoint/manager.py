@@ -27,7 +27,8 @@ from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents, verify_contents
 from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states, ttl_moves
 from .durable.schema import SKILL_TABLE
-from .durable.sqlite import CleanupResult, SqliteStore, utcnow
+from .durable.sql import CleanupResult, SqlStore, utcnow
+from .durable.sqlite import SqliteStore
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -58,22 +59,25 @@ from .model import (
 )
 from .runtime.embedded import EmbeddedRedis
 from .runtime.lock import TaskLock
-from .runtime.redis_runtime import RedisRuntime, connect
+from .runtime.redis_runtime import RedisRuntime, connect, redact_url
 from .runtime.writer import TaskWriter
 from .scheduler import Listener, PeriodicCheckpointer
 from .stream import check_streamed, create_streamed, restore_streamed, streamable
 from .transfer import read_export, write_export
 
 
-def open_store(durable_url: str) -> SqliteStore:
-    """The durable store a URL names."""
+def open_store(durable_url: str) -> SqlStore:
+    """The durable store a URL names: ``sqlite:///path`` or ``postgresql://...``."""
     scheme = durable_url.split(":", 1)[0].lower()
     if scheme == "sqlite":
         return SqliteStore.from_url(durable_url)
     if scheme in ("postgres", "postgresql"):
-        raise ValidationError("the PostgreSQL durable tier is not available in this version")
+        from .durable.postgres import PostgresStore  # psycopg is loaded only when used
+
+        return PostgresStore.from_url(durable_url)
     raise ValidationError(
-        f"unsupported durable URL {durable_url!r}: expected sqlite:///path/to/file.db"
+        f"unsupported durable URL {redact_url(durable_url)!r}: expected sqlite:///path/to/file.db "
+        "or postgresql://user@host:port/dbname"
     )
 
 
@@ -127,7 +131,7 @@ class CheckpointManager:
     def __init__(
         self,
         runtime: RedisRuntime | Callable[[], tuple[RedisRuntime, EmbeddedRedis | None]],
-        store: SqliteStore,
+        store: SqlStore,
         *,
         config: CheckpointConfig | None = None,
         embedded: EmbeddedRedis | None = None,
@@ -245,7 +249,7 @@ class CheckpointManager:
         return TaskWriter(self.runtime.client, task_id, layout=self.runtime.layout)
 
     @property
-    def durable(self) -> SqliteStore:
+    def durable(self) -> SqlStore:
         """The durable store, for recording task results, metrics, audit events, skills."""
         return self.store
 
@@ -817,6 +821,7 @@ class CheckpointManager:
             db,
             recovery,
             result.checkpoint_id,
+            task_id=result.task_id,
             keys=result.keys_restored,
             rows=result.rows_restored,
             notes="; ".join(result.errors) or None,

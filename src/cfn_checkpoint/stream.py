@@ -19,7 +19,7 @@ import msgpack
 
 from .codec import compress, decompress_verified, encode_tables, make_payload, state_hashes
 from .durable.schema import SKILL_TABLE
-from .durable.sqlite import utcnow
+from .durable.sql import utcnow
 from .errors import CorruptCheckpointError, RestoreError
 from .image import entry_of
 from .model import CheckpointMetadata, CheckpointStatus, RuntimeEntry

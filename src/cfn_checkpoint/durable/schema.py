@@ -1,7 +1,10 @@
 """The durable schema as an ordered list of migrations; a migration's version is its index + 1.
 
 The same statements serve SQLite and PostgreSQL: only portable types and syntax.
-``{autoinc}`` is replaced by each backend's auto-increment primary key.
+Each backend fills in three types: ``{autoinc}`` (its auto-increment primary key),
+``{blob}`` (bytes) and ``{real}`` (a 64-bit float: ``REAL`` on SQLite, ``DOUBLE
+PRECISION`` on PostgreSQL, whose ``REAL`` has 32 bits and would not give back the
+value stored).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ MIGRATIONS: list[list[str]] = [
             task_id TEXT NOT NULL,
             agent_id TEXT,
             result TEXT,
-            confidence REAL,
+            confidence {real},
             created_at TEXT NOT NULL
         )""",
         "CREATE INDEX ix_task_results_task ON task_results (task_id, id)",
@@ -27,7 +30,7 @@ MIGRATIONS: list[list[str]] = [
             task_id TEXT NOT NULL,
             agent_id TEXT NOT NULL,
             metric TEXT NOT NULL,
-            value REAL,
+            value {real},
             recorded_at TEXT NOT NULL
         )""",
         "CREATE INDEX ix_agent_metrics_task ON agent_metrics (task_id, id)",
