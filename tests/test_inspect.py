@@ -109,9 +109,9 @@ def test_verify_all_reports_each_corrupt_checkpoint(
     assert manager.verify_checkpoint(good.checkpoint_id).checkpoint_id == good.checkpoint_id
     with manager.store.atomic() as db:
         db.execute(
-            "UPDATE payloads SET data = X'00' WHERE digest IN (SELECT digest FROM "
+            "UPDATE payloads SET data = ? WHERE digest IN (SELECT digest FROM "
             "checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'delta')",
-            (bad.checkpoint_id,),
+            (b"\x00", bad.checkpoint_id),
         )
     results = {m.checkpoint_id: e for m, e in manager.verify_all()}
     assert results[good.checkpoint_id] is None

@@ -79,7 +79,7 @@ def test_damaged_large_checkpoint_is_refused_before_writing(
             "ORDER BY ordinal DESC LIMIT 1",
             (bad.checkpoint_id, good.checkpoint_id),
         ).fetchone()
-        db.execute("UPDATE payloads SET data = X'00' WHERE digest = ?", (digest,))
+        db.execute("UPDATE payloads SET data = ? WHERE digest = ?", (b"\x00", digest))
     current = task_state(client, prefix)
     with pytest.raises(CorruptCheckpointError):
         streamed.recover_from_checkpoint("big", bad.checkpoint_id)
@@ -96,9 +96,9 @@ def test_damaged_newest_large_checkpoint_is_not_returned_as_unchanged(
     first = streamed.create_checkpoint("big")
     with streamed.store.atomic() as db:
         db.execute(
-            "UPDATE payloads SET data = X'00' WHERE digest = (SELECT digest FROM "
+            "UPDATE payloads SET data = ? WHERE digest = (SELECT digest FROM "
             "checkpoint_payloads WHERE checkpoint_id = ? AND kind = 'base' LIMIT 1)",
-            (first.checkpoint_id,),
+            (b"\x00", first.checkpoint_id),
         )
     expected = task_state(client, prefix)
     with CheckpointManager.open(redis_url, db_url, layout=layout, config=SMALL) as fresh:

@@ -65,7 +65,7 @@ from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents
 from .demo import format_report, report_json, run_demo
 from .diff import Change, StateDiff
-from .durable.sql import CleanupResult
+from .durable.sql import CleanupResult, redact_durable_url
 from .durable.sqlite import sqlite_path_from_url
 from .errors import (
     CheckpointError,
@@ -101,8 +101,9 @@ EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (0, "success"),
     (
         1,
-        "failure: a store unreachable or unusable (Redis down, SQLite file missing, "
-        "unwritable or not a database), a lock timeout, a failed restore, an unexpected error",
+        "failure: a store unreachable or unusable (Redis or PostgreSQL down or refusing the "
+        "login, SQLite file missing, unwritable or not a database), a lock timeout, a failed "
+        "restore, an unexpected error",
     ),
     (2, "usage or validation: a bad option, argument, URL, duration, task id or file"),
     (3, "not found: an unknown task, checkpoint or key"),
@@ -281,7 +282,9 @@ class Settings:
     envvar="CFN_DURABLE_URL",
     show_envvar=True,
     metavar="URL",
-    help="Durable tier, sqlite:///path/to/file.db. Default: sqlite:///cfn-checkpoint.db.",
+    help="Durable tier: sqlite:///path/to/file.db, or "
+    "postgresql://user:password@host:port/dbname (a schema with "
+    "?options=-csearch_path%3Dschema). Default: sqlite:///cfn-checkpoint.db.",
 )
 @click.option(
     "--key-prefix",
@@ -302,11 +305,11 @@ def cli(
     json_mode: bool,
     verbose: bool,
 ) -> None:
-    """Checkpoint and recover multi-agent task state across Redis and SQLite.
+    """Checkpoint and recover multi-agent task state across Redis and SQLite or PostgreSQL.
 
     A checkpoint is a consistent snapshot of one task: its runtime keys in Redis
-    (agents, signals, queues, locks) and its durable rows in SQLite. Sizes and ages
-    are rounded in tables and exact with --json. Progress is shown on a terminal only.
+    (agents, signals, queues, locks) and its durable rows in SQLite or PostgreSQL. Sizes
+    and ages are rounded in tables and exact with --json. Progress is shown on a terminal only.
     """
     ctx.obj = Settings(
         redis_url=redis_url or None,
@@ -374,7 +377,7 @@ def open_manager(
 
 def _where(settings: Settings, manager: CheckpointManager, runtime: bool) -> str:
     redis_url = settings.redis_url or redis_url_from_env() or "embedded redis-server"
-    durable = settings.durable_url or durable_url_from_env()
+    durable = redact_durable_url(settings.durable_url or durable_url_from_env())
     redis = (
         f"{redact_url(redis_url)} (Redis {manager.runtime.version()})"
         if runtime

@@ -27,9 +27,8 @@ import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import LockTimeoutError, StoreUnavailableError, ValidationError
-from ..runtime.redis_runtime import redact_url
 from .schema import MIGRATIONS
-from .sql import _INSERT_PAYLOAD, Connection, Cursor, SqlStore
+from .sql import _INSERT_PAYLOAD, Connection, Cursor, SqlStore, redact_durable_url
 
 #: Seconds to wait for a connection to be made, unless the URL says ``connect_timeout``.
 DEFAULT_CONNECT_TIMEOUT = 10
@@ -58,11 +57,6 @@ def _lock_key(*parts: str) -> int:
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
-def redact(url: str) -> str:
-    """``url`` with its password, in the authority or the query string, as ``***``."""
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", redact_url(url))
-
-
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -83,7 +77,7 @@ def conninfo_from_url(url: str) -> str:
 
     Raises :class:`ValidationError` for a URL libpq would not accept.
     """
-    where = redact(url)
+    where = redact_durable_url(url)
     scheme = url.split(":", 1)[0].lower()
     if scheme not in ("postgresql", "postgres") or not url[len(scheme) :].startswith("://"):
         raise ValidationError(
@@ -158,7 +152,7 @@ class PostgresStore(SqlStore):
         Raises :class:`ValidationError` for a malformed URL and
         :class:`StoreUnavailableError` when the database cannot be reached or used.
         """
-        self.where = redact(url)
+        self.where = redact_durable_url(url)
         conninfo = conninfo_from_url(url)
         self._pool_timeout = pool_timeout
         self._local = threading.local()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from ..model import (
     DurableSnapshot,
     TableRows,
 )
+from ..runtime.redis_runtime import redact_url
 from .schema import MIGRATIONS, SKILL_TABLE, TASK_TABLES
 
 _USABLE = tuple(s.value for s in USABLE_STATUSES)
@@ -111,6 +113,12 @@ def _iso(moment: datetime | None) -> str | None:
 
 def _parse(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+def redact_durable_url(url: str) -> str:
+    """``url`` with its password, in the authority or a ``password=`` query parameter,
+    replaced by ``***``, for messages and logs."""
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", redact_url(url))
 
 
 def _marks(count: int) -> str:
@@ -365,6 +373,8 @@ class SqlStore(ABC):
 
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointMetadata | None:
         """One checkpoint by id, or ``None``."""
+        if not isinstance(checkpoint_id, str):
+            return None  # ids are text; PostgreSQL would refuse to compare, SQLite find none
         found = self._select("checkpoint_id = ?", (checkpoint_id,))
         return found[0] if found else None
 
