@@ -22,7 +22,7 @@ import contextlib
 import importlib.util
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,31 @@ def db_url(durable_kind: str, tmp_path: Path, request: pytest.FixtureRequest) ->
             yield url
     else:
         raise AssertionError(f"no durable tier {durable_kind!r}")
+
+
+@pytest.fixture()
+def new_db_url(
+    durable_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], str]]:
+    """Makes more fresh, empty durable stores of this combination's kind, for tests that
+    need several (or one per Hypothesis example); all are removed when the test ends."""
+    schemas: Schemas | None = None
+    if durable_kind == "postgres":
+        schemas = request.getfixturevalue("postgres_schemas")
+    made: list[str] = []
+
+    def make() -> str:
+        if schemas is None:
+            url = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"
+        else:
+            url = schemas.create()
+        made.append(url)
+        return url
+
+    yield make
+    if schemas is not None:
+        for url in made:
+            schemas.drop(url)
 
 
 @pytest.fixture()

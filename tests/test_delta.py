@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-import secrets
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -26,13 +25,13 @@ def _kinds(manager: CheckpointManager, checkpoint_id: str) -> list[str]:
 @given(states=st.lists(task_states, min_size=2, max_size=4), reopen=st.booleans())
 def test_every_checkpoint_of_a_changing_task_recovers_exactly(
     redis_url: str,
-    tmp_path: Path,
+    new_db_url: Callable[[], str],
     layout: KeyLayout,
     prefix: str,
     states: list[dict[Any, Any]],
     reopen: bool,
 ) -> None:
-    db_url = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"
+    db_url = new_db_url()
     anchor = {("agent", b"anchor"): ("string", b"", None)}
     taken: list[tuple[str, dict[bytes, Any]]] = []
     manager = CheckpointManager.open(redis_url, db_url, layout=layout)

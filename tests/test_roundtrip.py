@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -32,7 +31,7 @@ ANCHOR = ("agent", b"anchor")
 @given(state=task_states, other=task_states, later=task_states)
 def test_random_state_round_trips_exactly(
     redis_url: str,
-    tmp_path: Path,
+    new_db_url: Callable[[], str],
     layout: KeyLayout,
     prefix: str,
     state: dict[Any, Any],
@@ -41,8 +40,7 @@ def test_random_state_round_trips_exactly(
 ) -> None:
     # A fresh store per example: an earlier example with the same content would otherwise
     # be returned as the (idempotent) checkpoint, with the TTLs of its own capture.
-    db_url = f"sqlite:///{tmp_path / secrets.token_hex(4)}.db"
-    with CheckpointManager.open(redis_url, db_url, layout=layout) as manager:
+    with CheckpointManager.open(redis_url, new_db_url(), layout=layout) as manager:
         _round_trip(manager, layout, prefix, state, other, later)
 
 

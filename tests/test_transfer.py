@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,10 @@ def _seed(manager: CheckpointManager, client: redis.Redis, layout: KeyLayout) ->
 
 
 def test_export_import_into_a_fresh_store_on_another_redis_version(
-    redis7_url: str, redis62_url: str, tmp_path: Path, prefix: str
+    redis7_url: str, redis62_url: str, tmp_path: Path, prefix: str, new_db_url: Callable[[], str]
 ) -> None:
     layout = KeyLayout(prefix=prefix)
-    source_db, target_db = (f"sqlite:///{tmp_path / n}" for n in ("a.db", "b.db"))
+    source_db, target_db = new_db_url(), new_db_url()
     export = tmp_path / "cp.cfn"
     with CheckpointManager.open(redis7_url, source_db, layout=layout) as source:
         client = source.runtime.client
@@ -63,6 +64,7 @@ def test_damaged_export_files_are_refused_and_nothing_is_stored(
     layout: KeyLayout,
     tmp_path: Path,
     redis_url: str,
+    new_db_url: Callable[[], str],
     damage: str,
 ) -> None:
     _seed(manager, client, layout)
@@ -80,9 +82,7 @@ def test_damaged_export_files_are_refused_and_nothing_is_stored(
     else:
         blob = MAGIC
     path.write_bytes(blob)
-    with CheckpointManager.open(
-        redis_url, f"sqlite:///{tmp_path / 'fresh.db'}", layout=layout
-    ) as fresh:
+    with CheckpointManager.open(redis_url, new_db_url(), layout=layout) as fresh:
         with pytest.raises(CorruptCheckpointError, match="truncated or altered"):
             fresh.import_checkpoint(path)
         assert fresh.list_checkpoints() == []
