@@ -283,8 +283,11 @@ class Output:
             table.add_row(*row)
         with self.console.capture() as captured:
             self.console.print(table)
-        for text in captured.get().splitlines():
-            click.echo(text.rstrip(), color=self.console.is_terminal)
+        # One write: a reader that stops after the first line (``| head -1``) has then
+        # been given the whole table, rather than racing the writes of its other lines.
+        lines = [line.rstrip() for line in captured.get().splitlines()]
+        if lines:
+            click.echo("\n".join(lines), color=self.console.is_terminal)
 
     def diff_lines(self, lines: Sequence[str]) -> None:
         """Unified-diff lines, coloured on a terminal."""
