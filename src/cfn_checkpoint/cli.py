@@ -85,6 +85,7 @@ from .model import (
     CheckpointTrigger,
     RuntimeEntry,
 )
+from .runtime.connection import is_cluster_url
 from .runtime.redis_runtime import redact_url
 from .transfer import read_export
 
@@ -252,6 +253,8 @@ class Settings:
     durable_url: str | None
     #: ``--key-prefix`` / ``CFN_KEY_PREFIX``: put in front of every runtime key.
     key_prefix: str = ""
+    #: ``--key-layout`` / ``CFN_KEY_LAYOUT``: ``reference``, ``cluster`` or ``auto``.
+    key_layout: str = "auto"
     #: Where results, notes and progress go (``--json``, ``-v``).
     out: Output = field(default_factory=Output)
 
@@ -274,7 +277,8 @@ class Settings:
     envvar="CFN_REDIS_URL",
     show_envvar=True,
     metavar="URL",
-    help="Redis of the runtime tier (redis://, rediss://, unix://). "
+    help="Redis of the runtime tier (redis://, rediss://, unix://), or a Redis Cluster "
+    "by one of its nodes (redis+cluster://host:port, rediss+cluster://). "
     "Default: CFN_REDIS_HOST/CFN_REDIS_PORT, else an embedded redis-server.",
 )
 @click.option(
@@ -294,6 +298,17 @@ class Settings:
     metavar="PREFIX",
     help="Put in front of every runtime key (one tenant's keys, e.g. 'tenant-a:').",
 )
+@click.option(
+    "--key-layout",
+    envvar="CFN_KEY_LAYOUT",
+    show_envvar=True,
+    type=click.Choice(["auto", "reference", "cluster"]),
+    default="auto",
+    metavar="LAYOUT",
+    help="How task keys are named: reference (agent:<task>:<id>) or cluster "
+    "(agent:{<task>}:<id>: one Redis Cluster slot per task, read atomically). "
+    "Default auto: cluster for a redis+cluster:// URL, else reference.",
+)
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of tables.")
 @click.option("-v", "--verbose", is_flag=True, help="Say where the stores are; tracebacks.")
 @click.pass_context
@@ -302,6 +317,7 @@ def cli(
     redis_url: str | None,
     durable_url: str | None,
     key_prefix: str,
+    key_layout: str,
     json_mode: bool,
     verbose: bool,
 ) -> None:
@@ -315,6 +331,7 @@ def cli(
         redis_url=redis_url or None,
         durable_url=durable_url or None,
         key_prefix=key_prefix,
+        key_layout=key_layout,
         out=Output(json_mode=json_mode, verbose=verbose),
     )
 
@@ -366,13 +383,22 @@ def open_manager(
     manager = CheckpointManager.open(
         settings.redis_url,
         settings.durable_url,
-        layout=KeyLayout(prefix=settings.key_prefix),
+        layout=_layout(settings),
         config=config,
         lazy_runtime=not runtime,
     )
     click.get_current_context().with_resource(manager)
     settings.out.info(_where(settings, manager, runtime))
     return manager
+
+
+def _layout(settings: Settings) -> KeyLayout:
+    """The key layout ``--key-layout`` names (``auto``: cluster for a cluster URL)."""
+    cluster = settings.key_layout == "cluster"
+    if settings.key_layout == "auto":
+        url = settings.redis_url or redis_url_from_env()
+        cluster = url is not None and is_cluster_url(url)
+    return KeyLayout(prefix=settings.key_prefix, cluster=cluster)
 
 
 def _where(settings: Settings, manager: CheckpointManager, runtime: bool) -> str:
@@ -383,7 +409,11 @@ def _where(settings: Settings, manager: CheckpointManager, runtime: bool) -> str
         if runtime
         else "not needed by this command"
     )
-    return f"redis: {redis}; durable: {durable}; key prefix: {settings.key_prefix!r}"
+    layout = "cluster" if _layout(settings).cluster else "reference"
+    return (
+        f"redis: {redis}; durable: {durable}; key prefix: {settings.key_prefix!r}; "
+        f"key layout: {layout}"
+    )
 
 
 def require_known_task(manager: CheckpointManager, task_id: str) -> None:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from ._render import human_size
 from ._views import checkpoint_json, recovery_json
@@ -39,6 +40,7 @@ from .durable.schema import SKILL_TABLE, TASK_TABLES
 from .layout import ROLES, KeyLayout, escape_glob
 from .manager import CheckpointManager
 from .model import CheckpointMetadata, CheckpointTrigger, RecoveryResult
+from .runtime.connection import RedisClient, is_cluster_url
 
 __all__ = [
     "AGENTS",
@@ -118,7 +120,7 @@ def task_groups(layout: KeyLayout, task_id: str) -> dict[str, bytes]:
     return {getattr(layout, role): layout.task_prefix(role, task_id) for role in ROLES}
 
 
-def _scan(client: redis.Redis, prefixes: Sequence[bytes]) -> list[bytes]:
+def _scan(client: RedisClient, prefixes: Sequence[bytes]) -> list[bytes]:
     found: set[bytes] = set()
     for prefix in prefixes:
         for key in client.scan_iter(match=escape_glob(prefix) + b"*", count=1000):
@@ -168,13 +170,19 @@ def _canonical(kind: str, reply: Any) -> Any:
     return reply
 
 
-def read_runtime_state(client: redis.Redis, groups: Mapping[str, bytes]) -> RuntimeState:
+def read_runtime_state(client: RedisClient, groups: Mapping[str, bytes]) -> RuntimeState:
     """Every key under ``groups``' prefixes, read with plain commands in one MULTI/EXEC.
 
     Keys are found with SCAN and their types with TYPE; then TIME and, per key, TYPE,
     the value and PTTL run in one transaction. A key that changed type in between is
-    read again; one that vanished (its TTL ran out) is left out.
+    read again; one that vanished (its TTL ran out) is left out. On a Redis Cluster
+    the prefixes must share a slot (the cluster layout): they are read on its node.
     """
+    if isinstance(client, RedisCluster):
+        slots = {key_slot(prefix) for prefix in groups.values()}
+        if len(slots) != 1:
+            raise ValueError("on a Redis Cluster the groups must share a slot (cluster layout)")
+        client = client.get_redis_connection(client.nodes_manager.get_node_from_slot(slots.pop()))
     for _ in range(_READ_ATTEMPTS):
         keys = _scan(client, list(groups.values()))
         probe = client.pipeline(transaction=False)
@@ -484,7 +492,7 @@ def _bystander(mgr: CheckpointManager) -> None:
     mgr.durable.record_audit_event(BYSTANDER_ID, "task_started", agent_id="coordinator")
 
 
-def _wipe_prefix(client: redis.Redis, prefix: str) -> None:
+def _wipe_prefix(client: RedisClient, prefix: str) -> None:
     keys = _scan(client, [prefix.encode()])
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
@@ -492,7 +500,9 @@ def _wipe_prefix(client: redis.Redis, prefix: str) -> None:
 
 @contextlib.contextmanager
 def _open(redis_url: str | None, durable_url: str, prefix: str) -> Iterator[CheckpointManager]:
-    mgr = CheckpointManager.open(redis_url, durable_url, layout=KeyLayout(prefix=prefix))
+    cluster = redis_url is not None and is_cluster_url(redis_url)
+    layout = KeyLayout(prefix=prefix, cluster=cluster)  # on a cluster: each task in one slot
+    mgr = CheckpointManager.open(redis_url, durable_url, layout=layout)
     try:
         yield mgr
     finally:

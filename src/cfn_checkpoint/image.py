@@ -78,6 +78,9 @@ class Snapshot:
     redis_version: str
     #: Bytes of all rows, sent or not.
     row_bytes: int = 0
+    #: True when the keys were read one Redis Cluster slot at a time (the reference
+    #: layout on a cluster): never point in time.
+    node_by_node: bool = False
 
     @property
     def complete(self) -> bool:

@@ -57,6 +57,7 @@ from .model import (
     TaskState,
     TaskSummary,
 )
+from .runtime.connection import is_cluster_url
 from .runtime.embedded import EmbeddedRedis
 from .runtime.lock import TaskLock
 from .runtime.redis_runtime import RedisRuntime, connect, redact_url
@@ -98,6 +99,15 @@ def _metadata(value: Mapping[str, Any] | None) -> dict[str, Any]:
         return dict(json.loads(json.dumps(dict(value), sort_keys=True, allow_nan=False)))
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"metadata must be JSON-serializable: {exc}") from exc
+
+
+#: The metadata entry of a checkpoint whose runtime keys were read one Redis Cluster slot
+#: at a time (the reference layout on a cluster): its ``point_in_time`` is False.
+NODE_BY_NODE = {"runtime_capture": "node_by_node"}
+
+
+def _capture_note(node_by_node: bool) -> dict[str, Any]:
+    return dict(NODE_BY_NODE) if node_by_node else {}
 
 
 #: How many verified payload digests a manager remembers.
@@ -181,7 +191,10 @@ class CheckpointManager:
         """Connect to both tiers.
 
         ``redis_url`` defaults to ``CFN_REDIS_URL`` (or ``CFN_REDIS_HOST``/``CFN_REDIS_PORT``);
-        with none, an embedded ``redis-server`` is started for this process.
+        with none, an embedded ``redis-server`` is started for this process. A
+        ``redis+cluster://host:port`` (or ``rediss+cluster://``) URL names a Redis Cluster
+        by one of its nodes; ``layout`` then defaults to the cluster layout (the task
+        in a hash tag, so each task's keys share one slot and are read atomically).
         ``durable_url`` defaults to ``CFN_DURABLE_URL``, else ``sqlite:///cfn-checkpoint.db``.
         With ``lazy_runtime`` Redis is connected (or the embedded one started) only when
         something needs it, so work on the stored checkpoints alone (list, show,
@@ -190,6 +203,8 @@ class CheckpointManager:
         redis_url = redis_url or redis_url_from_env()
         durable_url = durable_url or durable_url_from_env()
         config = config or CheckpointConfig()
+        if layout is None and redis_url is not None and is_cluster_url(redis_url):
+            layout = KeyLayout(cluster=True)
 
         def connect_runtime() -> tuple[RedisRuntime, EmbeddedRedis | None]:
             embedded = None
@@ -305,7 +320,7 @@ class CheckpointManager:
                     runtime_state_hash="",
                     durable_state_hash="",
                     created_at=started,
-                    metadata=extra,
+                    metadata={**extra, **_capture_note(not self.runtime.point_in_time)},
                 )
                 lock.check()
                 return create_streamed(self, draft, keys, newest)
@@ -372,7 +387,7 @@ class CheckpointManager:
             durable_state_hash=durable_hash,
             created_at=started,
             completed_at=utcnow(),
-            metadata=extra,
+            metadata={**extra, **_capture_note(snapshot.node_by_node)},
             key_count=len(snapshot.keys),
             row_count=durable.row_count,
             raw_bytes=snapshot.row_bytes + len(durable_payload.raw) + len(skills_payload.raw),

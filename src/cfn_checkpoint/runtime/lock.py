@@ -1,7 +1,8 @@
 """The per-task lock that serializes create and recover of one task across processes.
 
 A Redis key ``<prefix>cfn-checkpoint:lock:{<task>}`` holds a random owner token with a
-TTL. A background thread extends the TTL while the holder works, so a long restore
+TTL (on a Redis Cluster its hash tag puts it in the slot of the task's keys under the
+cluster layout). A background thread extends the TTL while the holder works, so a long restore
 keeps its lock, and a holder that dies loses it when the TTL runs out. Only the owner
 token can extend or release it.
 """
@@ -13,13 +14,12 @@ import threading
 import time
 from types import TracebackType
 
-import redis
 from redis.commands.core import Script
 
 from ..errors import LockTimeoutError
 from ..layout import validate_task_id
 from . import scripts
-from .redis_runtime import redis_errors
+from .connection import REDIS_ERRORS, RedisClient, redis_errors
 
 
 class TaskLock:
@@ -27,7 +27,7 @@ class TaskLock:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         task_id: str,
         *,
         prefix: str = "",
@@ -76,8 +76,8 @@ class TaskLock:
                 if not self._extend(keys=[self.key], args=[self.token, self.ttl_ms]):
                     self.lost.set()  # expired or taken over: another holder may be working
                     return
-            except redis.RedisError:
-                continue  # the next beat tries again; the TTL gives it time
+            except REDIS_ERRORS:
+                continue  # the next beat tries again (after a failover too); the TTL gives it time
 
     def check(self) -> None:
         """Raise :class:`LockTimeoutError` if the lock was lost while held."""

@@ -1,22 +1,42 @@
-"""The runtime tier: reading and writing one task's keys in Redis."""
+"""The runtime tier: reading and writing one task's keys in Redis, one server or a cluster.
+
+On a Redis Cluster a script may touch only the keys it declares, all in one slot. Under
+the cluster layout (``agent:{<task>}:...``) a task's keys share one slot, so it keeps
+every guarantee of a single server: its keys are listed on the node serving that slot
+(:data:`~cfn_checkpoint.runtime.scripts.SLOT_KEYS`) and read, or written, in one script.
+Under the reference layout they spread over slots and nodes: they are read and written
+one slot at a time (one script per slot, pipelined per node), so such a capture is not
+point in time (the checkpoint says so) and such a restore is not atomic.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
+from redis.crc import key_slot
 
-from ..errors import CheckpointError, RestoreError, StoreUnavailableError, ValidationError
+from ..errors import CheckpointError, RestoreError, StoreUnavailableError
 from ..image import Snapshot
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
+from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
+
+__all__ = [
+    "REDIS_ERRORS",
+    "RedisClient",
+    "RedisRuntime",
+    "RestoreStats",
+    "connect",
+    "redact_url",
+    "redis_errors",
+]
 
 #: Redis types read natively; every other type is kept as a DUMP payload.
 _NATIVE = {"string", "list", "hash", "set", "zset"}
@@ -24,57 +44,14 @@ _NATIVE = {"string", "list", "hash", "set", "zset"}
 #: strings, not bin.
 _SPEC_PACKER = msgpack.Packer(use_bin_type=False)
 _KNOWN_PACKER = _SPEC_PACKER
-#: How often capture re-reads when keys appear while it runs.
+#: How often capture re-reads when keys appear meanwhile.
 _CAPTURE_ATTEMPTS = 3
-
-
-@contextlib.contextmanager
-def redis_errors(
-    action: str, refused: type[CheckpointError] = StoreUnavailableError
-) -> Iterator[None]:
-    """Turn redis-py errors into :class:`CheckpointError`: an unreachable server into
-    :class:`StoreUnavailableError`, a refused command (OOM, NOPERM, a script error)
-    into ``refused``."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailableError(f"Redis unavailable while {action}: {exc}") from exc
-    except redis.AuthenticationError as exc:
-        raise StoreUnavailableError(f"Redis refused the credentials while {action}: {exc}") from exc
-    except redis.ResponseError as exc:
-        raise refused(f"Redis refused a command while {action}: {exc}") from exc
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
-    try:
-        parsed = urlsplit(url)
-        if parsed.password is None:
-            return url
-    except ValueError:  # unparseable: say nothing of it that could be a secret
-        return "<unparseable URL>"
-    user = parsed.username or ""
-    host = parsed.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parsed._replace(netloc=f"{user}:***@{host}"))
-
-
-def connect(url: str, *, socket_timeout: float = 60.0) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) that fails fast."""
-    redact_url(url)  # fails early, and safely, on an unparseable URL
-    if "://" not in url:
-        raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: no scheme")
-    try:
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=5.0,
-            socket_timeout=socket_timeout,
-            decode_responses=False,
-        )
-    except ValueError as exc:
-        raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: {exc}") from exc
-    with redis_errors(f"connecting to {redact_url(url)}"):
-        client.ping()
-    return client
+#: How often a read or write of one Redis Cluster slot is tried again with keys of the task
+#: that appeared between listing and running. Each try is one script call, and it fails
+#: only for keys created in that window (one round trip), so busy tasks get a few more.
+_SLOT_ATTEMPTS = 10
+#: Script calls sent in one pipeline when a task's keys spread over many slots.
+_PIPELINE_CALLS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +65,22 @@ class RestoreStats:
 
 
 class RedisRuntime:
-    """One Redis server (or a client to one) and the key layout of the tasks in it."""
+    """One Redis server or Redis Cluster (a client to it) and the key layout of its tasks."""
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         *,
         layout: KeyLayout | None = None,
         scan_count: int = 1000,
         scan_in_script_max_keys: int = 10_000,
     ) -> None:
+        """``layout`` defaults to the reference layout on one server and to the cluster
+        layout (task in a hash tag) on a Redis Cluster."""
         self.client = client
-        self.layout = layout or KeyLayout()
+        #: True when ``client`` is a :class:`redis.cluster.RedisCluster`.
+        self.cluster = isinstance(client, RedisCluster)
+        self.layout = layout or KeyLayout(cluster=self.cluster)
         self.scan_count = scan_count
         #: Largest database (in keys) whose task keys capture and restore find with a SCAN
         #: inside their Lua script. That scan walks the whole keyspace and blocks Redis
@@ -109,27 +90,46 @@ class RedisRuntime:
         self._capture_scan = Script(client, scripts.CAPTURE_SCAN)
         self._restore = Script(client, scripts.RESTORE)
         self._delete = Script(client, scripts.DELETE)
+        self._slot_keys = Script(client, scripts.SLOT_KEYS)
+        self._clock = Script(client, scripts.CLOCK)
+
+    @property
+    def point_in_time(self) -> bool:
+        """Whether a task's keys can be read (and written) in one atomic step: always on
+        one server; on a cluster only under the cluster layout (one slot per task)."""
+        return not self.cluster or self.layout.cluster
 
     def version(self) -> str:
-        """The server's ``redis_version``."""
+        """The server's ``redis_version`` (on a cluster: of one node)."""
         with redis_errors("reading the server version"):
             info: dict[str, Any] = self.client.info("server")
         return str(info.get("redis_version", ""))
 
-    def server_time_ms(self) -> int:
-        """The server clock in ms since the epoch (the clock TTL deadlines are kept in)."""
+    def server_time_ms(self, task_id: str | None = None) -> int:
+        """The server clock in ms since the epoch (the clock TTL deadlines are kept in).
+
+        On a cluster, the clock of the node serving ``task_id``'s hash tag: under the
+        cluster layout, the node its keys and capture clock live on.
+        """
         with redis_errors("reading the server clock"):
+            if self.cluster and task_id is not None:
+                return int(self._clock(keys=[_tag(task_id)], args=[]))
             seconds, micros = self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
     # -- discovery ---------------------------------------------------------------------------
 
     def task_keys(self, task_id: str) -> list[bytes]:
-        """Every key of ``task_id`` in the four namespaces, sorted. Uses SCAN, never KEYS."""
+        """Every key of ``task_id`` in the four namespaces, sorted. Uses SCAN, never KEYS
+        (every primary's, on a cluster), or under the cluster layout on a cluster
+        ``CLUSTER GETKEYSINSLOT`` of the task's one slot."""
         prefixes = self.layout.task_prefixes(validate_task_id(task_id))
-        pattern = self.layout.scan_pattern(task_id)
         found: set[bytes] = set()
         with redis_errors(f"listing the keys of task {task_id}"):
+            if self.cluster and self.layout.cluster:
+                found.update(self._slot_keys(keys=[_tag(task_id)], args=list(prefixes)))
+                return sorted(found)
+            pattern = self.layout.scan_pattern(task_id)
             for key in self.client.scan_iter(match=pattern, count=self.scan_count):
                 if key.startswith(prefixes):
                     found.add(key)
@@ -177,28 +177,52 @@ class RedisRuntime:
 
         Redis builds each key's row and digest. Keys whose digest ``known`` already
         maps them to are not sent (their row is ``None``); batches ignore ``known``.
+
+        On a Redis Cluster no script may scan, so the keys are always listed first.
+        Under the cluster layout the read itself then checks, at the instant it runs,
+        that the slot holds no key of the task it was not given (``CLUSTER
+        GETKEYSINSLOT`` names keys without touching them); if it does, nothing is read
+        and the read is repeated with those keys too. Under the reference layout the
+        keys are read one slot at a time and listed again afterwards: the snapshot is
+        not point in time and says it was read ``node_by_node``.
         """
         version = self.version()
-        blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
-        if self._small_database(expected_keys) and expected_keys <= atomic_max_keys:
+        if (
+            not self.cluster
+            and self._small_database(expected_keys)
+            and expected_keys <= atomic_max_keys
+        ):
+            blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
             found = self._scan_read(task_id, atomic_max_keys, blob)
             if found is not None:
                 return _snapshot(task_id, found[0], found[1], True, version)
         keys = self.task_keys(task_id)
-        for _ in range(_CAPTURE_ATTEMPTS):
+        if self.cluster and self.layout.cluster:
+            for _ in range(_SLOT_ATTEMPTS):
+                if len(keys) > atomic_max_keys:
+                    break
+                if not keys:  # listed in one step on the task's node: empty at that instant
+                    return _snapshot(task_id, self.server_time_ms(task_id), [], True, version)
+                now_ms, read = self._read_slot(task_id, keys, known)
+                if isinstance(read, set):
+                    keys = sorted(set(keys) | read)  # keys of the task that came meanwhile
+                    continue
+                return _snapshot(task_id, now_ms, read, True, version)
+        for _ in range(0 if self.cluster and self.layout.cluster else _CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
                 break
-            now_ms, rows = self._read(keys, blob)
+            now_ms, rows, steps = self._read(keys, known)
             later = self.task_keys(task_id)
             if set(later) <= set(keys):
-                return _snapshot(task_id, now_ms, rows, True, version)
+                return _snapshot(task_id, now_ms, rows, steps <= 1, version, steps > 1)
             keys = sorted(set(keys) | set(later))
         replies: list[Any] = []
         clock = 0
         for batch_clock, batch in self.read_batches(keys, batch_keys):
             clock = batch_clock  # the same for every batch: the first one's
             replies.extend(batch)
-        return _snapshot(task_id, clock or self.server_time_ms(), replies, False, version)
+        clock = clock or self.server_time_ms(task_id)
+        return _snapshot(task_id, clock, replies, False, version, not self.point_in_time)
 
     def read_batches(
         self, keys: Sequence[bytes], batch_keys: int
@@ -210,7 +234,7 @@ class RedisRuntime:
         """
         first_ms = 0
         for start in range(0, len(keys), batch_keys):
-            batch_ms, batch = self._read(keys[start : start + batch_keys], b"")
+            batch_ms, batch, _ = self._read(keys[start : start + batch_keys], None)
             if not first_ms:
                 first_ms = batch_ms
             elif batch_ms != first_ms:
@@ -232,10 +256,78 @@ class RedisRuntime:
             return None
         return int(reply[0]), reply[1:]
 
-    def _read(self, keys: Sequence[bytes], known: bytes) -> tuple[int, Any]:
+    def _read(
+        self, keys: Sequence[bytes], known: Mapping[bytes, bytes] | None
+    ) -> tuple[int, list[Any], int]:
+        """``(clock, replies, script calls)``: one call, or on a cluster one per slot.
+
+        Calls on several slots run at about the same moment (one pipeline per node), and
+        each reply's TTLs count from its own node's clock. The clock returned is the
+        earliest of them, so a TTL is never taken as later than it was (by at most the
+        time the pipeline took), whatever the skew between the nodes' clocks.
+        """
+        groups = self._by_slot(keys)
+        if len(groups) <= 1:
+            blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
+            with redis_errors("reading task keys"):
+                reply = self._capture(keys=list(keys), args=[blob])
+            return int(reply[0]), list(reply[1:]), 1
+        calls: list[tuple[list[bytes], list[Any]]] = []
+        for group in groups:
+            # Each slot is sent only its own keys' digests, not the whole task's.
+            part = {k: known[k] for k in group if k in known} if known else None
+            calls.append((group, [_KNOWN_PACKER.pack(part) if part else b""]))
         with redis_errors("reading task keys"):
-            reply = self._capture(keys=list(keys), args=[known])
-        return int(reply[0]), reply[1:]
+            answers = self._call_many(self._capture, calls)
+        rows = [row for answer in answers for row in answer[1:]]
+        return min(int(answer[0]) for answer in answers), rows, len(calls)
+
+    def _read_slot(
+        self, task_id: str, keys: Sequence[bytes], known: Mapping[bytes, bytes] | None
+    ) -> tuple[int, list[Any] | set[bytes]]:
+        """Read ``keys`` (all in the task's slot) in one script that first checks the slot
+        holds no other key of the task: ``(clock, replies)``, or ``(clock, missed keys)``
+        with nothing read."""
+        blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
+        args = [blob, "slot", *self.layout.task_prefixes(task_id)]
+        with redis_errors("reading task keys"):
+            reply = self._capture(keys=list(keys), args=args)
+        if len(reply) == 3 and not isinstance(reply[1], list) and int(reply[1]) == -1:
+            return int(reply[0]), set(reply[2])
+        return int(reply[0]), list(reply[1:])
+
+    def _by_slot(self, keys: Sequence[bytes]) -> list[list[bytes]]:
+        """``keys`` grouped by cluster slot (in first-seen order); one group on one server."""
+        if not self.cluster or not keys:
+            return [list(keys)]
+        groups: dict[int, list[bytes]] = {}
+        for key in keys:
+            groups.setdefault(key_slot(key), []).append(key)
+        return list(groups.values())
+
+    def _call_many(
+        self, script: Script, calls: Sequence[tuple[Sequence[bytes], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)`` (each call's keys in one slot), through
+        cluster pipelines: one round trip per node per :data:`_PIPELINE_CALLS` calls.
+
+        redis-py's cluster pipeline sends each call to the node serving its slot and
+        follows MOVED/ASK redirects. A node that does not know the script yet gets it
+        loaded and the call repeated.
+        """
+        out: list[Any] = []
+        for start in range(0, len(calls), _PIPELINE_CALLS):
+            chunk = calls[start : start + _PIPELINE_CALLS]
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in chunk:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            for (keys, args), answer in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(answer, redis.exceptions.NoScriptError):
+                    answer = script(keys=list(keys), args=list(args))  # loads it, then runs it
+                elif isinstance(answer, Exception):
+                    raise answer
+                out.append(answer)
+        return out
 
     # -- restore -----------------------------------------------------------------------------
 
@@ -252,7 +344,11 @@ class RedisRuntime:
         """Make the task's keys exactly ``entries``: others of the task are removed.
 
         Atomic (one Lua script) when the keys involved number at most
-        ``atomic_max_keys``; in batches otherwise.
+        ``atomic_max_keys``; in batches otherwise. On a Redis Cluster under the cluster
+        layout the script also checks that no key of the task appeared since the keys
+        were listed (else they are listed again, up to three times, and nothing is
+        written until the list is whole); under the reference layout the task is
+        written one slot at a time, never atomically.
         """
         prefixes = self.layout.task_prefixes(task_id)
         for entry in entries:
@@ -262,27 +358,45 @@ class RedisRuntime:
                 )
         writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
         self.check_dumps(task_id, [entry for entry, _ in writes])
-        if len(writes) <= atomic_max_keys and self._small_database(len(writes)):
+        if (
+            not self.cluster
+            and len(writes) <= atomic_max_keys
+            and self._small_database(len(writes))
+        ):
             # Stale keys are found by the script itself: nothing created meanwhile survives.
-            written, removed = self._write([], writes, scan_task=task_id)
+            written, removed, _ = self._write([], writes, scan_task=task_id)
             return RestoreStats(written, removed, len(lapsed), True)
         keep = {entry.key for entry, _ in writes}
         stale = [key for key in self.task_keys(task_id) if key not in keep]
-        if len(stale) + len(writes) <= atomic_max_keys:
-            written, removed = self._write(stale, writes)
-            return RestoreStats(written, removed, len(lapsed), True)
+        for _ in range(_SLOT_ATTEMPTS if self.cluster else 1):
+            if len(stale) + len(writes) > atomic_max_keys or not self.point_in_time:
+                break
+            if self.cluster and not stale and not writes:
+                return RestoreStats(0, 0, len(lapsed), True)  # nothing there, nothing to write
+            guard = task_id if self.cluster else None
+            written, removed, missed = self._write(stale, writes, guard_task=guard)
+            if not missed:
+                return RestoreStats(written, removed, len(lapsed), True)
+            stale = sorted(set(stale) | missed)  # keys of the task that came meanwhile
+        else:
+            raise RestoreError(
+                f"keys of task {task_id} kept appearing while it was being restored "
+                f"({_SLOT_ATTEMPTS} tries); nothing was written. Stop what writes to the "
+                "task and recover again"
+            )
         removed = 0
         for start in range(0, len(stale), batch_keys):
-            with redis_errors("removing task keys", RestoreError):
-                removed += int(self._delete(keys=stale[start : start + batch_keys], args=[]))
+            removed += self._delete_keys(stale[start : start + batch_keys], RestoreError)
         written = 0
         for start in range(0, len(writes), batch_keys):
             written += self._write([], writes[start : start + batch_keys])[0]
         return RestoreStats(written, removed, len(lapsed), False)
 
     def dbsize(self) -> int:
-        """Keys in the whole database (O(1) on the server)."""
+        """Keys in the whole database, or the whole cluster (O(1) on each server)."""
         with redis_errors("counting keys"):
+            if self.cluster:
+                return int(self.client.dbsize(target_nodes=RedisCluster.PRIMARIES))
             return int(self.client.dbsize())
 
     def _small_database(self, task_keys: int = 0) -> bool:
@@ -302,7 +416,7 @@ class RedisRuntime:
         """What a restore now would write: ``(entry, TTL ms or -1)`` pairs, and the entries
         left out because their TTL has run out under the policy."""
         policy = ttl_policy or TtlPolicy()
-        elapsed = max(0, self.server_time_ms() - captured_at_ms)
+        elapsed = max(0, self.server_time_ms(task_id) - captured_at_ms)
         lock_prefix = self.layout.task_prefix("lock", task_id)
         writes: list[tuple[RuntimeEntry, int]] = []
         lapsed: list[RuntimeEntry] = []
@@ -351,30 +465,62 @@ class RedisRuntime:
         writes: Sequence[tuple[RuntimeEntry, int]],
         *,
         scan_task: str | None = None,
-    ) -> tuple[int, int]:
-        keys: list[bytes] = list(stale)
-        keys.extend(entry.key for entry, _ in writes)
-        specs = [[entry.type.value, pttl, _items(entry)] for entry, pttl in writes]
-        args: list[Any] = [len(stale), _SPEC_PACKER.pack(specs)]
-        if scan_task is not None:
-            args.extend((self.layout.scan_pattern(scan_task), self.scan_count))
-            args.extend(self.layout.task_prefixes(scan_task))
+        guard_task: str | None = None,
+    ) -> tuple[int, int, set[bytes]]:
+        """Delete ``stale`` and write ``writes`` in one RESTORE script, or on a cluster one
+        per slot: ``(written, removed, missed)``. ``missed`` holds the keys of the task
+        that ``guard_task`` (cluster layout) found in its slot but not in ``stale`` or
+        ``writes``; when there are any, nothing was written."""
+        calls: list[tuple[list[bytes], list[Any]]] = []
+        for group in self._by_slot([*stale, *(entry.key for entry, _ in writes)]):
+            members = set(group)
+            dropped = [key for key in stale if key in members]
+            written = [(entry, pttl) for entry, pttl in writes if entry.key in members]
+            specs = [[entry.type.value, pttl, _items(entry)] for entry, pttl in written]
+            args: list[Any] = [len(dropped), _SPEC_PACKER.pack(specs)]
+            if scan_task is not None:
+                args.extend(("scan", self.layout.scan_pattern(scan_task), self.scan_count))
+                args.extend(self.layout.task_prefixes(scan_task))
+            elif guard_task is not None:
+                args.append("slot")
+                args.extend(self.layout.task_prefixes(guard_task))
+            calls.append(([*dropped, *(entry.key for entry, _ in written)], args))
         with redis_errors("writing task keys", RestoreError):
-            written, removed = self._restore(keys=keys, args=args)
-        return int(written), int(removed)
+            if len(calls) == 1:
+                answers = [self._restore(keys=calls[0][0], args=calls[0][1])]
+            else:
+                answers = self._call_many(self._restore, calls)
+        missed = {key for written, keys in answers if int(written) < 0 for key in keys}
+        if missed:
+            return 0, 0, missed
+        return sum(int(w) for w, _ in answers), sum(int(r) for _, r in answers), set()
+
+    def _delete_keys(
+        self, keys: Sequence[bytes], refused: type[CheckpointError] = StoreUnavailableError
+    ) -> int:
+        """Delete ``keys`` (one script, or on a cluster one per slot); returns how many."""
+        groups = self._by_slot(keys)
+        with redis_errors("removing task keys", refused):
+            if len(groups) == 1:
+                return int(self._delete(keys=groups[0], args=[]))
+            return sum(int(n) for n in self._call_many(self._delete, [(g, []) for g in groups]))
 
     def delete_task(self, task_id: str) -> int:
         """Remove every runtime key of ``task_id`` (what a crash or a flush would do)."""
         keys = self.task_keys(task_id)
         removed = 0
-        with redis_errors(f"deleting the keys of task {task_id}"):
-            for start in range(0, len(keys), 1000):
-                removed += int(self._delete(keys=keys[start : start + 1000], args=[]))
+        for start in range(0, len(keys), 1000):
+            removed += self._delete_keys(keys[start : start + 1000])
         return removed
 
 
 def _snapshot(
-    task_id: str, now_ms: int, replies: list[Any], point_in_time: bool, version: str
+    task_id: str,
+    now_ms: int,
+    replies: list[Any],
+    point_in_time: bool,
+    version: str,
+    node_by_node: bool = False,
 ) -> Snapshot:
     """A snapshot from the scripts' ``{key, digest, pttl, row or nil, size}`` replies."""
     replies = sorted(replies, key=lambda r: r[0])
@@ -383,7 +529,15 @@ def _snapshot(
     pttls = [None if r[2] < 0 else r[2] for r in replies]
     rows = [r[3] for r in replies]
     size = sum(r[4] for r in replies)
-    return Snapshot(task_id, keys, digests, pttls, rows, now_ms, point_in_time, version, size)
+    return Snapshot(
+        task_id, keys, digests, pttls, rows, now_ms, point_in_time, version, size, node_by_node
+    )
+
+
+def _tag(task_id: str) -> bytes:
+    """The task's hash tag as a key name: it hashes to the slot of every key of the task
+    under the cluster layout (and of its lock, under any layout)."""
+    return b"{" + validate_task_id(task_id).encode() + b"}"
 
 
 def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:

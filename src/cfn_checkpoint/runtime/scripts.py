@@ -1,9 +1,12 @@
 """Lua scripts run inside Redis. Each one runs atomically: no other client sees a half-step.
 
-Scripts touch only the keys given in KEYS (CAPTURE_SCAN, and RESTORE given a pattern,
-also scan a small database for the task's keys), so they work unchanged on Redis
-Cluster when those keys share a slot (the cluster layout's hash tag). All use only
-commands of Redis 6.2, so a checkpoint restores onto 6.2 and 7.x alike.
+Scripts touch only the keys given in KEYS, so they work unchanged on Redis Cluster when
+those keys share a slot (the cluster layout's hash tag), with two exceptions for a single
+server only: CAPTURE_SCAN, and RESTORE given a scan pattern, look for the task's keys with
+SCAN. On a cluster the task's keys are listed by SLOT_KEYS instead (and RESTORE can check
+that list is still whole with its ``slot`` guard): ``CLUSTER GETKEYSINSLOT`` only names
+keys, it touches none. All use only commands of Redis 6.2, so a checkpoint restores onto
+6.2 and 7.x alike.
 """
 
 from __future__ import annotations
@@ -113,12 +116,78 @@ local function task_keys(pattern, count, first)
 end
 """
 
+#: Lua: ``slot_keys(first)`` -> the keys in the slot of KEYS[1] that start with one of
+#: ARGV[first], ARGV[first + 1], ... (a task's exact prefixes). Redis Cluster only; it costs
+#: as much as the slot holds, which under the cluster layout is about the task itself.
+_SLOT_KEYS = r"""
+local function slot_keys(first)
+  local slot = redis.call('CLUSTER', 'KEYSLOT', KEYS[1])
+  local n = redis.call('CLUSTER', 'COUNTKEYSINSLOT', slot)
+  local keys = {}
+  for _, key in ipairs(redis.call('CLUSTER', 'GETKEYSINSLOT', slot, n)) do
+    for p = first, #ARGV do
+      if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
+        keys[#keys + 1] = key
+        break
+      end
+    end
+  end
+  return keys
+end
+"""
+
+#: List a task's keys on Redis Cluster, in one step on the node serving the task's slot.
+#: KEYS: one key in that slot (the task's hash tag, ``{<task>}``; it need not exist).
+#: ARGV: the task's key prefixes.  Returns the task's keys in that slot (unsorted).
+SLOT_KEYS = (
+    _SLOT_KEYS
+    + r"""
+return slot_keys(1)
+"""
+)
+
+#: The server clock in ms since the epoch. KEYS: none, or one key (on Redis Cluster: a key
+#: in the slot whose node's clock is wanted).
+CLOCK = r"""
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: Lua: ``undeclared(first)`` -> the keys of the slot of KEYS[1] that start with one of
+#: ARGV[first], ... and are not in KEYS: keys of the task the caller did not list.
+_UNDECLARED = r"""
+local function undeclared(first)
+  local declared = {}
+  for i = 1, #KEYS do
+    declared[KEYS[i]] = true
+  end
+  local out = {}
+  for _, key in ipairs(slot_keys(first)) do
+    if not declared[key] then
+      out[#out + 1] = key
+    end
+  end
+  return out
+end
+"""
+
 #: Read keys atomically.
-#: KEYS: the keys to read.  ARGV: ``known``: a cmsgpack map of key -> digest ('' for none).
+#: KEYS: the keys to read.  ARGV: ``known, [slot, prefix1, prefix2, ...]``; known is a
+#: cmsgpack map of key -> digest ('' for none). With ``slot`` (Redis Cluster, all KEYS in
+#: one slot) the read is refused, as ``{now_ms, -1, {key, ...}}``, if that slot holds keys
+#: with one of the prefixes that are not in KEYS: the task's keys the caller missed.
 #: Returns ``{now_ms, row(KEYS[1]), row(KEYS[2]), ...}``, keys that are gone left out.
 CAPTURE = (
     _ROW
+    + _SLOT_KEYS
+    + _UNDECLARED
     + r"""
+if ARGV[2] == 'slot' then
+  local missed = undeclared(3)
+  if #missed > 0 then
+    return {now, -1, missed}
+  end
+end
 if ARGV[1] ~= '' then
   known = cmsgpack.unpack(ARGV[1])
 end
@@ -163,24 +232,39 @@ return out
 
 #: Replace a task's keys atomically.
 #: KEYS: first the keys to delete (``ndelete`` of them), then the keys to write.
-#: ARGV: ``ndelete, specs, [pattern, scan_count, prefix1, prefix2, ...]``. ``specs`` is one
+#: ARGV: ``ndelete, specs, [how, ...]``. ``specs`` is one
 #: msgpack array (bytes as raw strings), one ``[type, pttl, items]`` per key to write, in
 #: KEYS order: type is string|list|hash|set|zset|dump, pttl the TTL to set in ms (<= 0:
 #: none), and items the value (string, dump), the elements (list, set), field, value, ...
 #: (hash) or score, member, ... (zset). One blob instead of an argument per item keeps the
-#: client from building and the server from parsing a huge command. When a pattern
-#: follows, every key of the task an in-script SCAN finds is deleted first too, so a key
-#: created since the caller looked is gone. Items go 1000 at a time (an even number, so
-#: pairs stay whole) to stay below Lua's unpack limit.
+#: client from building and the server from parsing a huge command. ``how`` makes sure no
+#: key created since the caller listed the task's keys survives:
+#:
+#: * ``scan, pattern, scan_count, prefix1, prefix2, ...`` (one server): every key of the
+#:   task an in-script SCAN finds is deleted first too;
+#: * ``slot, prefix1, prefix2, ...`` (Redis Cluster, all KEYS in one slot): if the slot
+#:   holds keys of the task that are not in KEYS, nothing is written and
+#:   ``{-1, {key, ...}}`` is returned, for the caller to try again with them.
+#:
+#: Items go 1000 at a time (an even number, so pairs stay whole) to stay below Lua's
+#: unpack limit.
 #: Returns ``{keys written, keys deleted that were not rewritten}``.
 RESTORE = (
     _TASK_KEYS
+    + _SLOT_KEYS
+    + _UNDECLARED
     + r"""
 local ndel = tonumber(ARGV[1])
 local specs = cmsgpack.unpack(ARGV[2])
 local writing = {}
 for i = ndel + 1, #KEYS do
   writing[KEYS[i]] = true
+end
+if ARGV[3] == 'slot' then
+  local missed = undeclared(4)
+  if #missed > 0 then
+    return {-1, missed}
+  end
 end
 local removed = 0
 local function drop(key)
@@ -191,8 +275,8 @@ end
 for i = 1, ndel do
   drop(KEYS[i])
 end
-if #ARGV > 2 then
-  for _, key in ipairs(task_keys(ARGV[3], ARGV[4], 5)) do
+if ARGV[3] == 'scan' then
+  for _, key in ipairs(task_keys(ARGV[4], ARGV[5], 6)) do
     drop(key)
   end
 end

@@ -11,7 +11,7 @@ from redis.commands.core import Script
 from ..errors import ValidationError
 from ..layout import KeyLayout, validate_task_id
 from . import scripts
-from .redis_runtime import redis_errors
+from .connection import RedisClient, redis_errors
 
 Value = bytes | str | int | float | dict[str, Any] | list[Any]
 
@@ -42,10 +42,11 @@ class TaskWriter:
     Dicts and lists are stored as compact JSON, strings as UTF-8, bytes as they are.
     """
 
-    def __init__(self, client: redis.Redis, task_id: str, *, layout: KeyLayout | None = None):
+    def __init__(self, client: RedisClient, task_id: str, *, layout: KeyLayout | None = None):
         self.client = client
         self.task_id = validate_task_id(task_id)
-        self.layout = layout or KeyLayout()
+        #: Default: the reference layout on one server, the cluster layout on a cluster.
+        self.layout = layout or KeyLayout(cluster=not isinstance(client, redis.Redis))
         self._release = Script(client, scripts.RELEASE_IF_OWNER)
 
     def put_agent(self, agent_id: str, state: Value) -> bytes:
