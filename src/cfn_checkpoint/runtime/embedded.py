@@ -45,11 +45,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TypeVar
+from urllib.parse import quote
 
 import redis
 
@@ -294,15 +295,30 @@ class EmbeddedRedis:
     context manager. No persistence (``save ""``, ``appendonly no``), no TCP port.
     """
 
-    def __init__(self, *, binary: str | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+        port: int = 0,
+        password: str | None = None,
+        config: Sequence[str] = (),
+    ) -> None:
         """Prepare (but do not start) a server.
 
         :param binary: the ``redis-server`` to run; default per :func:`find_redis_server`.
         :param startup_timeout: seconds to wait for the first ``PING`` to answer.
+        :param port: also listen on this TCP port of 127.0.0.1 (0: unix socket only).
+        :param password: require this password (``requirepass``).
+        :param config: more ``--name value`` arguments for ``redis-server``, e.g. the
+            cluster options of :class:`~cfn_checkpoint.runtime.embedded_cluster.EmbeddedCluster`.
         """
         self._requested_binary = binary
         self._binary: str | None = None
         self._startup_timeout = startup_timeout
+        self.port = port
+        self.password = password
+        self._config = list(config)
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
@@ -327,8 +343,11 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """A ``redis.Redis.from_url`` URL for the server: ``unix:///path/redis.sock``."""
-        return f"unix://{self.socket_path}"
+        """A ``redis.Redis.from_url`` URL for the server: ``unix:///path/redis.sock``
+        (``unix://:<password>@/path/redis.sock`` with a password)."""
+        if self.password is None:
+            return f"unix://{self.socket_path}"
+        return f"unix://:{quote(self.password, safe='')}@{self.socket_path}"
 
     @property
     def pid(self) -> int | None:
@@ -385,7 +404,7 @@ class EmbeddedRedis:
             socket_path = os.path.join(workdir, _SOCKET_NAME)
             args = [
                 binary,
-                "--port", "0",
+                "--port", str(self.port),
                 "--unixsocket", socket_path,
                 "--unixsocketperm", "700",
                 "--save", "",
@@ -394,6 +413,12 @@ class EmbeddedRedis:
                 "--daemonize", "no",
                 "--logfile", os.path.join(workdir, _LOG_NAME),
             ]  # fmt: skip
+            if self.port:
+                args += ["--bind", "127.0.0.1"]
+            if self.password is not None:
+                # Replicas (of a cluster) log in to their primary with the same password.
+                args += ["--requirepass", self.password, "--masterauth", self.password]
+            args += self._config
             try:
                 with open(os.path.join(workdir, _OUTPUT_NAME), "wb") as output:
                     proc = _SPAWNER.call(lambda: self._spawn(args, workdir, output, owner))
@@ -459,7 +484,10 @@ class EmbeddedRedis:
         assert proc is not None and workdir is not None and socket_path is not None
         deadline = time.monotonic() + self._startup_timeout
         client = redis.Redis(
-            unix_socket_path=socket_path, socket_connect_timeout=1.0, socket_timeout=1.0
+            unix_socket_path=socket_path,
+            password=self.password,
+            socket_connect_timeout=1.0,
+            socket_timeout=1.0,
         )
         try:
             while True:
