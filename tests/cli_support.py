@@ -15,13 +15,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from click.testing import CliRunner, Result
 
 from cfn_checkpoint import CheckpointManager
 from cfn_checkpoint.cli import cli
 
-from conftest import task_state
+from conftest import redis_client, task_state
 from db_support import sql_dump
 
 #: Environment that would point the command somewhere other than the test's stores.
@@ -31,6 +30,7 @@ CONFIG_VARS = (
     "CFN_REDIS_PORT",
     "CFN_DURABLE_URL",
     "CFN_KEY_PREFIX",
+    "CFN_KEY_LAYOUT",
 )
 CLEAN_ENV: dict[str, str | None] = dict.fromkeys(CONFIG_VARS)
 
@@ -147,7 +147,7 @@ def write_task(manager: CheckpointManager, task: str, step: int, *, stream: bool
 
 def runtime_keys(url: str, prefix: str) -> dict[bytes, tuple[str, Any, bool]]:
     """Every key under ``prefix``: type, value, whether it has a TTL (plain commands)."""
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         return task_state(client, prefix)
     finally:

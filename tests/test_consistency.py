@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import threading
 
-import redis
-
 from cfn_checkpoint import CheckpointManager, KeyLayout
+
+from conftest import redis_client
 
 
 def test_capture_is_point_in_time_under_concurrent_writers(
-    manager: CheckpointManager, redis_url: str, layout: KeyLayout
+    manager: CheckpointManager, redis_url: str, layout: KeyLayout, runtime_kind: str
 ) -> None:
     """A writer moves value between keys and adds keys in MULTI/EXEC transactions:
-    every checkpoint must see a state that existed at one instant."""
+    every checkpoint must see a state that existed at one instant.
+
+    On a Redis Cluster no script may look for keys it was not given, so a writer that
+    creates a key of the task in every round trip can outrun the listing; the capture
+    then says it is not point in time (read in batches).
+    """
     manager.runtime.scan_in_script_max_keys = 1_000_000  # whatever else the server holds
     a, b, counter = (layout.key("agent", "t", n) for n in ("a", "b", "counter"))
-    writer = redis.Redis.from_url(redis_url)
+    writer = redis_client(redis_url)
     writer.mset({a: b"100", b: b"0", counter: b"0"})
     stop = threading.Event()
 
@@ -39,11 +44,12 @@ def test_capture_is_point_in_time_under_concurrent_writers(
             meta = manager.create_checkpoint("t")
             loaded = manager.load_checkpoint(meta.checkpoint_id)
             values = {e.key: e.value for e in loaded.entries}
-            assert meta.point_in_time
+            assert meta.point_in_time or runtime_kind == "cluster"
             assert int(values[a]) + int(values[b]) == 100
             n = int(values[counter])
             items = {k for k in values if b":item-" in k}
-            assert items == {layout.key("queue", "t", f"item-{i}") for i in range(1, n + 1)}
+            if meta.point_in_time:
+                assert items == {layout.key("queue", "t", f"item-{i}") for i in range(1, n + 1)}
             checked += 1
     finally:
         stop.set()
@@ -59,7 +65,7 @@ def test_nobody_reads_a_half_restored_task(
     client = manager.runtime.client
     client.mset({k: b"old" for k in keys})
     checkpoint = manager.create_checkpoint("t")
-    reader = redis.Redis.from_url(redis_url)
+    reader = redis_client(redis_url)
     seen: set[frozenset[bytes]] = set()
     stop = threading.Event()
 

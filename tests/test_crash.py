@@ -66,7 +66,8 @@ def say(line):
 def child(start):
     me = os.getpid()
     config = CheckpointConfig(enable_auto_cleanup=False, lock_timeout=60.0)
-    mgr = CheckpointManager.open(redis_url, db_url, layout=KeyLayout(prefix=prefix),
+    layout = KeyLayout(prefix=prefix, cluster=redis_url.startswith("redis+cluster:"))
+    mgr = CheckpointManager.open(redis_url, db_url, layout=layout,
                                  config=config)
     r = mgr.runtime.client
     L = mgr.runtime.layout

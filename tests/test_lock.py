@@ -108,7 +108,8 @@ def work(mgr, task, name, rounds):
 def main():
     redis_url, db_url, prefix, task, name, rounds, mode = sys.argv[1:8]
     config = CheckpointConfig(enable_auto_cleanup=False, lock_timeout=120.0)
-    mgr = CheckpointManager.open(redis_url, db_url, layout=KeyLayout(prefix=prefix),
+    layout = KeyLayout(prefix=prefix, cluster=redis_url.startswith("redis+cluster:"))
+    mgr = CheckpointManager.open(redis_url, db_url, layout=layout,
                                  config=config)
     if mode == "work":
         instrument(mgr, task)

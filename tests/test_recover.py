@@ -137,7 +137,8 @@ CRASHING_RECOVERY = """
 import os, signal, sys
 from cfn_checkpoint import CheckpointManager, KeyLayout
 redis_url, db_url, prefix = sys.argv[1:4]
-mgr = CheckpointManager.open(redis_url, db_url, layout=KeyLayout(prefix=prefix))
+layout = KeyLayout(prefix=prefix, cluster=redis_url.startswith("redis+cluster:"))
+mgr = CheckpointManager.open(redis_url, db_url, layout=layout)
 def die_before_commit(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)  # after Redis was written, before the commit
 mgr.store.finish_recovery = die_before_commit
