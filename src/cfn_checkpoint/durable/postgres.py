@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+import psycopg.pq
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import LockTimeoutError, StoreUnavailableError, ValidationError
@@ -103,7 +104,8 @@ def conninfo_from_url(url: str) -> str:
     params.setdefault("keepalives_idle", 30)
     params.setdefault("keepalives_interval", 10)
     params.setdefault("keepalives_count", 3)
-    params.setdefault("tcp_user_timeout", 60_000)
+    if psycopg.pq.version() >= 120000:  # libpq 12 added it
+        params.setdefault("tcp_user_timeout", 60_000)
     options = str(params.get("options", ""))
     if "lock_timeout" not in options:
         params["options"] = f"{options} -c lock_timeout={DEFAULT_LOCK_TIMEOUT}s".strip()
