@@ -164,7 +164,7 @@ class PostgresStore(SqlStore):
             raise StoreUnavailableError(
                 f"cannot connect to PostgreSQL at {self.where}: {_connect_failure(exc)}"
             ) from exc
-        with first, self._errors("opening the store"):
+        with first, self._errors(f"opening the store at {self.where}"):
             self.schema = self._current_schema(first)
             self._migrate(first)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -200,10 +200,8 @@ class PostgresStore(SqlStore):
         return str(row[0])
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute(
-            "SELECT CASE WHEN to_regclass('cfn_schema_migrations') IS NULL THEN -1 ELSE 0 END"
-        ).fetchone()
-        if row is not None and row[0] == 0:
+        row = conn.execute("SELECT to_regclass('cfn_schema_migrations') IS NOT NULL").fetchone()
+        if row is not None and row[0]:
             found = conn.execute("SELECT MAX(version) FROM cfn_schema_migrations").fetchone()
             if self._check_version(int(found[0] or 0) if found else 0) == len(MIGRATIONS):
                 return  # current: no lock, no write
