@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
@@ -38,17 +38,22 @@ def is_postgres(db_url: str) -> bool:
 
 
 def with_schema(url: str, schema: str) -> str:
-    """``url`` with ``options=-csearch_path=<schema>`` (any other query kept)."""
+    """``url`` with ``options=-csearch_path=<schema>`` (any other query kept).
+
+    Test stores also commit without waiting for the WAL flush
+    (``synchronous_commit=off``): a test never survives a server crash, and the
+    flush waits would double the time of the PostgreSQL runs.
+    """
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
-    query.append(("options", f"-csearch_path={schema}"))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    query.append(("options", f"-csearch_path={schema} -csynchronous_commit=off"))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 def schema_of(db_url: str) -> str:
     """The schema a test URL made by :func:`with_schema` names."""
     options = dict(parse_qsl(urlsplit(db_url).query)).get("options", "")
-    return options.removeprefix("-csearch_path=")
+    return options.removeprefix("-csearch_path=").split(" ")[0]
 
 
 def base_url(db_url: str) -> str:
