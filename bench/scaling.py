@@ -8,7 +8,9 @@ run:
 
 * ``cluster+postgres``: an embedded 3-primary Redis Cluster and PostgreSQL (the
   machine's, or ``--postgres-url``), in a throwaway schema;
-* ``redis+sqlite``: one embedded Redis and one SQLite file, for reference.
+* ``redis+sqlite``: one embedded Redis and one SQLite file, the default deployment;
+* ``cluster1+sqlite``: the same on a one-node Redis Cluster (cluster layout), which
+  lists a task's keys from its slot instead of scanning the whole keyspace.
 
 CPU time is read per side (workers, Redis servers, PostgreSQL server processes) so
 the table shows where the time goes. Usage::
@@ -72,6 +74,11 @@ class Round:
     cpu_busy: float
 
 
+#: What can be measured: a 3-primary cluster with PostgreSQL; one Redis (reference key
+#: layout) with SQLite; a one-node cluster (cluster layout) with SQLite.
+DEPLOYMENTS = ("cluster+postgres", "redis+sqlite", "cluster1+sqlite")
+
+
 def task_ids(tasks: int) -> list[str]:
     return [f"scale-{i:03d}" for i in range(tasks)]
 
@@ -84,8 +91,10 @@ def _worker(
     ready: Any,
     go: Any,
     out: Any,
+    finish: Any,
 ) -> None:
-    """Round the tasks until the time is up; report (checkpoints, latencies, CPU s)."""
+    """Round the tasks until the time is up; report (latencies, CPU s), then keep the
+    connections open until ``finish`` so the server side's CPU time can be read."""
     with CheckpointManager.open(
         deployment.redis_url, deployment.durable_url, layout=deployment.layout
     ) as mgr:
@@ -108,6 +117,7 @@ def _worker(
             mgr.create_checkpoint(task)
             latencies.append(time.perf_counter() - began)
         out.put((latencies, time.process_time() - cpu0))
+        finish.wait(120)
 
 
 def _cpu(pids: tuple[int, ...]) -> dict[int, float]:
@@ -123,18 +133,22 @@ def _cpu(pids: tuple[int, ...]) -> dict[int, float]:
 
 
 def _used(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds used between two readings by the processes in both."""
-    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
+    """CPU seconds used between two readings (a process that started in between counts
+    whole; one that ended in between is lost, which the caller avoids)."""
+    return sum(spent - before.get(pid, 0.0) for pid, spent in after.items())
 
 
 def measure(
     deployment: Deployment, workers: int, tasks: list[str], keys: int, seconds: float
 ) -> Round:
     context = multiprocessing.get_context("spawn")
-    ready, out, go = context.Queue(), context.Queue(), context.Event()
+    ready, out = context.Queue(), context.Queue()
+    go, finish = context.Event(), context.Event()
     shares = [tasks[i::workers] for i in range(workers)]
     processes = [
-        context.Process(target=_worker, args=(deployment, share, keys, seconds, ready, go, out))
+        context.Process(
+            target=_worker, args=(deployment, share, keys, seconds, ready, go, out, finish)
+        )
         for share in shares
     ]
     for process in processes:
@@ -148,6 +162,11 @@ def measure(
     go.set()
     reports = [out.get(timeout=seconds + 600) for _ in processes]
     elapsed = time.perf_counter() - began
+    cpu_redis = _used(redis0, _cpu(deployment.redis_pids))
+    if deployment.durable_server:  # backends the pool connected meanwhile count too
+        durable_pids = postgres_pids()
+    cpu_durable = _used(durable0, _cpu(durable_pids))
+    finish.set()
     for process in processes:
         process.join(60)
         if process.exitcode != 0:
@@ -155,8 +174,6 @@ def measure(
     latencies = sorted(x for lat, _ in reports for x in lat)
     count = len(latencies)
     cpu_workers = sum(cpu for _, cpu in reports)
-    cpu_redis = _used(redis0, _cpu(deployment.redis_pids))
-    cpu_durable = _used(durable0, _cpu(durable_pids))
     capacity = (psutil.cpu_count() or 1) * elapsed
     return Round(
         deployment=deployment.name,
@@ -236,37 +253,63 @@ def main() -> None:
             "CFN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
         ),
     )
+    parser.add_argument(
+        "--deployments",
+        nargs="+",
+        default=list(DEPLOYMENTS),
+        choices=DEPLOYMENTS,
+        help="which to measure (default: all)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     tasks = task_ids(args.tasks)
     rounds: list[Round] = []
+
+    def run(deployment: Deployment) -> None:
+        if deployment.name not in args.deployments:
+            return
+        prepare(deployment, tasks, args.keys)
+        for workers in args.workers:
+            rounds.append(measure(deployment, workers, tasks, args.keys, args.seconds))
+            print(table(rounds[-1:]).splitlines()[-1], flush=True)
+
+    def pids(nodes: list[EmbeddedRedis]) -> tuple[int, ...]:
+        return tuple(node.pid for node in nodes if node.pid)
+
     with tempfile.TemporaryDirectory(prefix="cfn-scaling-") as tmp:
         with EmbeddedCluster(primaries=3) as cluster, postgres_schema(args.postgres_url) as pg:
-            deployment = Deployment(
-                "cluster+postgres",
-                cluster.url,
-                pg,
-                KeyLayout(cluster=True),
-                tuple(node.pid for node in cluster.nodes if node.pid),
-                True,
+            run(
+                Deployment(
+                    "cluster+postgres",
+                    cluster.url,
+                    pg,
+                    KeyLayout(cluster=True),
+                    pids(cluster.nodes),
+                    True,
+                )
             )
-            prepare(deployment, tasks, args.keys)
-            for workers in args.workers:
-                rounds.append(measure(deployment, workers, tasks, args.keys, args.seconds))
-                print(table(rounds[-1:]).splitlines()[-1], flush=True)
         with EmbeddedRedis() as server:
-            deployment = Deployment(
-                "redis+sqlite",
-                server.url,
-                f"sqlite:///{tmp}/scaling.db",
-                KeyLayout(),
-                tuple(pid for pid in (server.pid,) if pid),
-                False,
+            run(
+                Deployment(
+                    "redis+sqlite",
+                    server.url,
+                    f"sqlite:///{tmp}/one.db",
+                    KeyLayout(),
+                    pids([server]),
+                    False,
+                )
             )
-            prepare(deployment, tasks, args.keys)
-            for workers in args.workers:
-                rounds.append(measure(deployment, workers, tasks, args.keys, args.seconds))
-                print(table(rounds[-1:]).splitlines()[-1], flush=True)
+        with EmbeddedCluster(primaries=1) as single:
+            run(
+                Deployment(
+                    "cluster1+sqlite",
+                    single.url,
+                    f"sqlite:///{tmp}/single.db",
+                    KeyLayout(cluster=True),
+                    pids(single.nodes),
+                    False,
+                )
+            )
     print()
     print(table(rounds))
     if args.json:
