@@ -232,7 +232,13 @@ def test_a_node_that_never_answers_times_out(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize(
     "url",
-    ["redis+cluster://127.0.0.1:7000/3", "redis+cluster:///no-host", "rediss+cluster://h:1?db=2"],
+    [
+        "redis+cluster://127.0.0.1:7000/3",
+        "redis+cluster:///no-host",
+        "rediss+cluster://h:1?db=2",
+        "redis+cluster://:pw@[::1",
+        "redis+cluster://127.0.0.1:notaport",
+    ],
 )
 def test_malformed_cluster_urls(url: str) -> None:
     with pytest.raises(ValidationError, match="malformed Redis Cluster URL"):

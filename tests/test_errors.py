@@ -8,8 +8,12 @@ files, PostgreSQL schemas); tests about SQLite files themselves run on SQLite on
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -38,6 +42,7 @@ from cfn_checkpoint import (
 )
 from cfn_checkpoint.durable.sqlite import SqliteStore
 from cfn_checkpoint.manager import open_store
+from cfn_checkpoint.runtime import connection
 from cfn_checkpoint.runtime.lock import TaskLock
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime, connect
 
@@ -638,3 +643,38 @@ def test_unparseable_redis_url_is_a_validation_error(db_url: str) -> None:
     with pytest.raises(ValidationError) as info:
         Manager.open("redis://[bad", db_url)
     assert "\n" not in str(info.value)
+
+
+def test_a_redis_server_that_never_answers_is_reported_quickly(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain URL is probed within PROBE_TIMEOUT, not the client's 60 s socket timeout."""
+    monkeypatch.setattr(connection, "PROBE_TIMEOUT", 0.5)
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://:s3cr3t-pw@127.0.0.1:{silent.getsockname()[1]}/0"
+        started = time.monotonic()
+        err = expect(lambda: CheckpointManager.open(url, db_url), StoreUnavailableError, "Timeout")
+        assert time.monotonic() - started < 3
+    assert "s3cr3t-pw" not in str(err)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_a_server_speaking_another_protocol_is_unavailable(db_url: str, scheme: str) -> None:
+    """A port that answers HTTP (a proxy, a web server) is a clear error, not 'unexpected'."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        url = f"{scheme}://127.0.0.1:{server.getsockname()[1]}"
+        expect(lambda: CheckpointManager.open(url, db_url), StoreUnavailableError, "not a Redis")

@@ -22,6 +22,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     ClusterError,
+    InvalidResponse,
     RedisClusterException,
     TryAgainError,
 )
@@ -66,6 +67,10 @@ def redis_errors(
         raise StoreUnavailableError(f"Redis refused the credentials while {action}: {exc}") from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailableError(f"Redis unavailable while {action}: {exc}") from exc
+    except InvalidResponse as exc:  # another protocol on that port (HTTP, a proxy, ...)
+        raise StoreUnavailableError(
+            f"no Redis protocol answer while {action} (not a Redis server?): {exc}"
+        ) from exc
     except _CLUSTER_TRANSIENT as exc:
         reason = str(exc) or type(exc).__name__
         raise StoreUnavailableError(
@@ -102,28 +107,33 @@ def connect(url: str, *, socket_timeout: float = 60.0) -> RedisClient:
     A plain URL naming a cluster node, or a cluster URL naming a server that is not
     one, is refused with a :class:`~cfn_checkpoint.errors.ValidationError` saying so.
     """
-    redact_url(url)  # fails early, and safely, on an unparseable URL
+    try:
+        urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed '[': say nothing of it that could be a secret
+        kind = "Redis Cluster URL" if is_cluster_url(url) else "Redis URL"
+        raise ValidationError(f"malformed {kind} {redact_url(url)!r}: {exc}") from None
     if "://" not in url:
         raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: no scheme")
     if is_cluster_url(url):
         return _connect_cluster(url, socket_timeout)
-    client = _plain(url, socket_timeout)
+    # A probe with a short timeout first: a server that accepts and never answers is
+    # reported within PROBE_TIMEOUT, not after the client's socket_timeout.
+    probe = _plain(url, PROBE_TIMEOUT)
     try:
         with redis_errors(f"connecting to {redact_url(url)}"):
-            client.ping()
-        if _cluster_enabled(client, url):
+            probe.ping()
+        if _cluster_enabled(probe, url):
             host = urlsplit(url).netloc.rsplit("@", 1)[-1] or "host:port"
             raise ValidationError(
                 f"{redact_url(url)} is a Redis Cluster node (cluster_enabled:1): use "
                 f"redis+cluster://{host} to reach the whole cluster"
             )
-    except BaseException:
-        client.close()
-        raise
-    return client
+    finally:
+        probe.close()
+    return _plain(url, socket_timeout)
 
 
-def _plain(url: str, socket_timeout: float) -> redis.Redis:
+def _plain(url: str, socket_timeout: float, shown: str | None = None) -> redis.Redis:
     try:
         return redis.Redis.from_url(
             url,
@@ -132,7 +142,8 @@ def _plain(url: str, socket_timeout: float) -> redis.Redis:
             decode_responses=False,
         )
     except ValueError as exc:
-        raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: {exc}") from exc
+        kind = "Redis URL" if shown is None else "Redis Cluster URL"
+        raise ValidationError(f"malformed {kind} {shown or redact_url(url)!r}: {exc}") from exc
 
 
 def _cluster_enabled(client: redis.Redis, url: str) -> bool:
@@ -159,7 +170,7 @@ def _connect_cluster(url: str, socket_timeout: float) -> RedisCluster:
         raise ValidationError(f"malformed Redis Cluster URL {shown!r}: no host")
     # One plain connection first: an unreachable node, a wrong password and a server that
     # is not a cluster node each get their own message, within PROBE_TIMEOUT.
-    probe = _plain(plain_url, PROBE_TIMEOUT)
+    probe = _plain(plain_url, PROBE_TIMEOUT, shown)
     try:
         with redis_errors(f"connecting to {shown}"):
             probe.ping()
