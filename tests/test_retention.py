@@ -83,3 +83,24 @@ def test_recovering_twice_from_the_same_checkpoint(
     client.delete(layout.key("agent", "t", "a"))
     assert manager.recover_from_checkpoint("t").checkpoint_id == meta.checkpoint_id
     assert task_state(client, prefix) == state
+
+
+def test_a_state_that_comes_back_after_its_payload_was_cleaned_up(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout
+) -> None:
+    """A payload the manager wrote earlier and a cleanup (here, or another worker's)
+    removed since is written again when the state comes back, not reported as gone."""
+    client.set(layout.key("agent", "t", "a"), b"1")
+    manager.durable.record_task_result("t", "a", {"r": 1})
+    first = manager.create_checkpoint("t")
+    extra = manager.durable.record_task_result("t", "a", {"r": 2})
+    manager.create_checkpoint("t")
+    assert manager.cleanup_old_checkpoints(older_than=timedelta(0)) == 1
+    with manager.store.atomic() as db:  # the durable rows are as at the first checkpoint
+        db.execute("DELETE FROM task_results WHERE id = ?", (extra,))
+
+    again = manager.create_checkpoint("t")
+
+    assert again.state_hash == first.state_hash
+    manager.verify_checkpoint(again.checkpoint_id)  # raises if a payload is missing
+    assert _all_payload_digests(manager) == _referenced(manager)

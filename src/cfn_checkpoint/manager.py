@@ -398,20 +398,31 @@ class CheckpointManager:
         # Payloads this manager wrote or verified are not compressed again (the store
         # has them); if one has gone meanwhile the commit fails rather than guess.
         level = cfg.compression_level
-        blobs = {
-            digest: (len(p.raw), compress(p.raw, level))
-            for _, digest, p in parts
-            if p is not None and digest not in self._verified
-        }
-        lock.check()
-        try:
-            done = self.store.commit_checkpoint(
+
+        def commit() -> CheckpointMetadata:
+            blobs = {
+                digest: (len(p.raw), compress(p.raw, level))
+                for _, digest, p in parts
+                if p is not None and digest not in self._verified
+            }
+            return self.store.commit_checkpoint(
                 meta,
                 manifest,
                 blobs,
                 unless_same=newest is None or newest.state_hash != state_hash,
                 trusted=self._verified,
             )
+
+        lock.check()
+        try:
+            try:
+                done = commit()
+            except CorruptCheckpointError:
+                # A payload trusted here was removed since (a cleanup, by this manager or
+                # another worker): trust none of this checkpoint's, send what we hold.
+                for _, digest in manifest:
+                    self._verified.pop(digest, None)
+                done = commit()
         except CheckpointError as exc:
             self._record_failure(meta, exc)
             raise
