@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -527,3 +528,37 @@ def test_failover_during_checkpoints_and_recoveries(tmp_path: Path) -> None:
 
 def test_find_redis_server_is_used_for_the_session_cluster() -> None:
     assert cluster_binary() in (find_redis_server(), bundled_redis_server())
+
+
+@pytest.mark.backends("cluster")
+def test_a_frozen_primary_is_an_error_within_the_command_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A primary that stops answering (SIGSTOP: no crash, no failover, no replica) ends a
+    create with one StoreUnavailableError after (1 + retries) x the command timeout,
+    instead of redis-py's defaults (60 s x 10 tries)."""
+    monkeypatch.setattr(connection, "COMMAND_TIMEOUT", 1.0)
+    layout = KeyLayout(prefix="frozen:", cluster=True)
+    with EmbeddedCluster(primaries=3, binary=cluster_binary()) as cluster:
+        config = CheckpointConfig(enable_auto_cleanup=False, lock_timeout=5.0)
+        mgr = CheckpointManager.open(
+            cluster.url, f"sqlite:///{tmp_path / 'cfn.db'}", layout=layout, config=config
+        )
+        try:
+            mgr.writer("t").put_agent("coder", {"step": 1})
+            mgr.create_checkpoint("t")
+            owner = mgr.runtime.client.get_node_from_key(b"{t}").port
+            (node,) = [n for n in cluster.nodes if n.port == owner]
+            assert node.pid is not None
+            os.kill(node.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match="Timeout|timed out"):
+                    mgr.create_checkpoint("t")
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(node.pid, signal.SIGCONT)
+            # 1 + CLUSTER_RETRIES tries of 1 s each, plus at most 2 s of backoff between.
+            assert elapsed < 1 + connection.CLUSTER_RETRIES * 3 + 2, elapsed
+        finally:
+            mgr.close()

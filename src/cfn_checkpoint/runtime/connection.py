@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import (
     AskError,
@@ -26,6 +27,7 @@ from redis.exceptions import (
     RedisClusterException,
     TryAgainError,
 )
+from redis.retry import Retry
 
 from ..errors import CheckpointError, StoreUnavailableError, ValidationError
 
@@ -39,6 +41,16 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 CONNECT_TIMEOUT = 5.0
 #: Seconds to wait for an answer while checking what a URL points to.
 PROBE_TIMEOUT = 5.0
+#: Seconds to wait for the answer to one command. The longest single command is a
+#: capture or restore script of up to ``atomic_max_keys`` (50,000) keys: about 1 s on
+#: the benchmark machine.
+COMMAND_TIMEOUT = 10.0
+#: How often a call that met a timeout or a lost connection is tried again: on one
+#: server once; on a cluster three times, each after refreshing the slot map, so a
+#: replica promoted meanwhile is found. A server that stops answering is therefore
+#: reported after at most (1 + retries) x COMMAND_TIMEOUT, plus a few seconds of backoff.
+RETRIES = 1
+CLUSTER_RETRIES = 3
 
 #: Errors of redis-py's cluster client that mean the cluster cannot serve us right now
 #: (a failover or a resharding under way, slots not covered): not a refused command.
@@ -99,8 +111,12 @@ def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
 
 
-def connect(url: str, *, socket_timeout: float = 60.0) -> RedisClient:
+def connect(url: str, *, socket_timeout: float | None = None) -> RedisClient:
     """A client for ``url`` that fails fast, with one clear error.
+
+    Each command waits ``socket_timeout`` seconds for its answer (default
+    :data:`COMMAND_TIMEOUT`) and is tried again :data:`RETRIES` times
+    (:data:`CLUSTER_RETRIES` on a cluster) after a timeout or a lost connection.
 
     ``redis://``, ``rediss://`` and ``unix://`` give a :class:`redis.Redis`;
     ``redis+cluster://`` and ``rediss+cluster://`` a :class:`redis.cluster.RedisCluster`.
@@ -114,11 +130,12 @@ def connect(url: str, *, socket_timeout: float = 60.0) -> RedisClient:
         raise ValidationError(f"malformed {kind} {redact_url(url)!r}: {exc}") from None
     if "://" not in url:
         raise ValidationError(f"malformed Redis URL {redact_url(url)!r}: no scheme")
+    timeout = COMMAND_TIMEOUT if socket_timeout is None else socket_timeout
     if is_cluster_url(url):
-        return _connect_cluster(url, socket_timeout)
+        return _connect_cluster(url, timeout)
     # A probe with a short timeout first: a server that accepts and never answers is
     # reported within PROBE_TIMEOUT, not after the client's socket_timeout.
-    probe = _plain(url, PROBE_TIMEOUT)
+    probe = _plain(url, PROBE_TIMEOUT, retries=0)
     try:
         with redis_errors(f"connecting to {redact_url(url)}"):
             probe.ping()
@@ -130,15 +147,22 @@ def connect(url: str, *, socket_timeout: float = 60.0) -> RedisClient:
             )
     finally:
         probe.close()
-    return _plain(url, socket_timeout)
+    return _plain(url, timeout, retries=RETRIES)
 
 
-def _plain(url: str, socket_timeout: float, shown: str | None = None) -> redis.Redis:
+def _retry(retries: int) -> Retry:
+    return Retry(ExponentialWithJitterBackoff(base=0.25, cap=2.0), retries)
+
+
+def _plain(
+    url: str, socket_timeout: float, shown: str | None = None, *, retries: int = 0
+) -> redis.Redis:
     try:
         return redis.Redis.from_url(
             url,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=socket_timeout,
+            retry=_retry(retries),
             decode_responses=False,
         )
     except ValueError as exc:
@@ -194,6 +218,7 @@ def _connect_cluster(url: str, socket_timeout: float) -> RedisCluster:
             plain_url,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=socket_timeout,
+            retry=_retry(CLUSTER_RETRIES),
             decode_responses=False,
         )
     except ValueError as exc:
