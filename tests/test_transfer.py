@@ -166,3 +166,24 @@ def test_forged_export_headers_are_refused(
     with pytest.raises(ValidationError, match=message):
         manager.import_checkpoint(path)
     assert [m.checkpoint_id for m in manager.list_checkpoints()] == [meta.checkpoint_id]
+
+
+def test_an_import_under_the_other_key_layout_says_which_to_use(
+    redis_url: str, tmp_path: Path, prefix: str, new_db_url: Callable[[], str]
+) -> None:
+    """A checkpoint taken under the cluster layout, imported where the reference layout
+    is in use (a CLI without --key-layout and no Redis to tell), is refused with a hint."""
+    export = tmp_path / "cp.cfn"
+    cluster = KeyLayout(prefix=prefix, cluster=True)
+    with CheckpointManager.open(redis_url, new_db_url(), layout=cluster) as source:
+        source.writer("t").put_agent("coder", {"step": 1})
+        source.export_checkpoint(source.create_checkpoint("t").checkpoint_id, export)
+    reference = KeyLayout(prefix=prefix)
+    with CheckpointManager.open(
+        redis_url, new_db_url(), layout=reference, lazy_runtime=True
+    ) as target:
+        with pytest.raises(ValidationError, match="use --key-layout cluster"):
+            target.import_checkpoint(export)
+        assert target.list_checkpoints() == []
+    with CheckpointManager.open(redis_url, new_db_url(), layout=cluster, lazy_runtime=True) as ok:
+        assert ok.import_checkpoint(export).task_id == "t"

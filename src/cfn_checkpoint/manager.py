@@ -688,12 +688,20 @@ class CheckpointManager:
     def _check_owned(self, contents: CheckpointContents) -> None:
         """Refuse a checkpoint holding keys that are not its task's under this layout."""
         task = contents.meta.task_id
+        other = replace(self.layout, cluster=not self.layout.cluster)
         for entry in contents.entries:
             if self.layout.role_of(task, entry.key) is None:
+                hint = ""
+                if other.role_of(task, entry.key) is not None:
+                    name = "cluster" if other.cluster else "reference"
+                    hint = (
+                        f"; it was taken under the {name} key layout: use --key-layout "
+                        f"{name} (KeyLayout(cluster={other.cluster}))"
+                    )
                 raise ValidationError(
                     f"checkpoint {contents.meta.checkpoint_id} holds key {entry.key!r}, which "
                     f"is not a key of task {task} under this key layout (prefix "
-                    f"{self.layout.prefix!r})"
+                    f"{self.layout.prefix!r}){hint}"
                 )
 
     # -- periodic ----------------------------------------------------------------------------
