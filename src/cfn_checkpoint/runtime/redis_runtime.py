@@ -296,6 +296,19 @@ class RedisRuntime:
             return int(reply[0]), set(reply[2])
         return int(reply[0]), list(reply[1:])
 
+    def _split_by_slot(
+        self, stale: Sequence[bytes], writes: Sequence[tuple[RuntimeEntry, int]]
+    ) -> list[tuple[list[bytes], list[tuple[RuntimeEntry, int]]]]:
+        """``(stale, writes)`` split by cluster slot, in one pass; one part on one server."""
+        if not self.cluster or not (stale or writes):
+            return [(list(stale), list(writes))]
+        parts: dict[int, tuple[list[bytes], list[tuple[RuntimeEntry, int]]]] = {}
+        for key in stale:
+            parts.setdefault(key_slot(key), ([], []))[0].append(key)
+        for item in writes:
+            parts.setdefault(key_slot(item[0].key), ([], []))[1].append(item)
+        return list(parts.values())
+
     def _by_slot(self, keys: Sequence[bytes]) -> list[list[bytes]]:
         """``keys`` grouped by cluster slot (in first-seen order); one group on one server."""
         if not self.cluster or not keys:
@@ -472,10 +485,7 @@ class RedisRuntime:
         that ``guard_task`` (cluster layout) found in its slot but not in ``stale`` or
         ``writes``; when there are any, nothing was written."""
         calls: list[tuple[list[bytes], list[Any]]] = []
-        for group in self._by_slot([*stale, *(entry.key for entry, _ in writes)]):
-            members = set(group)
-            dropped = [key for key in stale if key in members]
-            written = [(entry, pttl) for entry, pttl in writes if entry.key in members]
+        for dropped, written in self._split_by_slot(stale, writes):
             specs = [[entry.type.value, pttl, _items(entry)] for entry, pttl in written]
             args: list[Any] = [len(dropped), _SPEC_PACKER.pack(specs)]
             if scan_task is not None:
