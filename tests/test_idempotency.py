@@ -138,3 +138,31 @@ def test_same_hash_or_set_in_another_order_is_unchanged(
     manager.runtime.delete_task("t")
     manager.recover_from_checkpoint("t")  # written back in sorted order
     assert manager.create_checkpoint("t").checkpoint_id == first.checkpoint_id
+
+
+def test_capture_kept_in_memory_is_tied_to_the_newest_checkpoint(
+    manager: CheckpointManager,
+    client: redis.Redis,
+    layout: KeyLayout,
+    redis_url: str,
+    db_url: str,
+) -> None:
+    """A manager keeps what it last read of a task, and an identical read returns the
+    newest checkpoint without packing a key. Only while that checkpoint is the newest:
+    after another worker's checkpoint, the same read is a change back, and stored."""
+    _seed(client, layout)
+    first = manager.create_checkpoint("t")
+    assert manager.create_checkpoint("t").checkpoint_id == first.checkpoint_id
+    with CheckpointManager.open(redis_url, db_url, layout=layout) as other:
+        agent = layout.key("agent", "t", "a1")
+        client.set(agent, b"other worker's state")
+        second = other.create_checkpoint("t")
+        client.set(agent, b'{"status":"running"}')  # back to the first state
+    third = manager.create_checkpoint("t")
+    assert third.checkpoint_id not in (first.checkpoint_id, second.checkpoint_id)
+    assert third.state_hash == first.state_hash
+    assert manager.create_checkpoint("t").checkpoint_id == third.checkpoint_id
+    manager.durable.record_agent_metric("t", "a1", "tokens", 1.0)  # runtime read unchanged
+    fourth = manager.create_checkpoint("t")
+    assert fourth.checkpoint_id != third.checkpoint_id
+    assert fourth.runtime_state_hash == third.runtime_state_hash

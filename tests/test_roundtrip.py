@@ -10,6 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 
 from cfn_checkpoint import CheckpointManager, KeyLayout
+from cfn_checkpoint.runtime.redis_runtime import unique_replies
 
 from conftest import task_state, wipe
 from strategies import task_states, write_state
@@ -134,3 +135,10 @@ def test_batched_capture_and_restore_beyond_atomic_size(
         result = mgr.recover_from_checkpoint("task-wide")
         assert not result.atomic and result.keys_removed == 1
     assert task_state(client, prefix) == before
+
+
+def test_a_key_an_in_script_scan_named_twice_is_kept_once() -> None:
+    """SCAN may name a key twice while Redis rehashes; the script then reads it twice."""
+    a, b = [b"agent:t:a", b"string", -1, b"1", None], [b"agent:t:b", b"list", 5, [b"x"], None]
+    assert unique_replies([a, b]) == [a, b]
+    assert sorted(unique_replies([a, b, a]), key=lambda r: r[0]) == [a, b]

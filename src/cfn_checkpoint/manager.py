@@ -114,6 +114,8 @@ def _capture_note(node_by_node: bool) -> dict[str, Any]:
 _VERIFIED_CACHE = 200_000
 #: For how many tasks a manager remembers the newest checkpoint's keyframe and key index.
 _KNOWN_TASKS = 256
+#: Row bytes of the captures a manager keeps, over all tasks (see ``_CaptureMemo``).
+_MEMO_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,17 @@ class _KnownState:
     checkpoint_id: str
     keyframe: Keyframe
     current: dict[bytes, tuple[bytes, int | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _CaptureMemo:
+    """A capture whose runtime state is ``checkpoint_id``'s (its expiries within the
+    tolerance): a later capture equal to it, expiry instants included, is that state."""
+
+    checkpoint_id: str
+    replies: list[list[Any]]
+    #: Row bytes of the capture: what keeping it costs, roughly.
+    size: int
 
 
 class CheckpointManager:
@@ -166,6 +179,8 @@ class CheckpointManager:
         self._verified: OrderedDict[str, None] = OrderedDict()
         #: Per task, the newest checkpoint's keyframe and key index (bounded).
         self._known: OrderedDict[str, _KnownState] = OrderedDict()
+        #: Per task, the capture that matched its newest checkpoint (bounded in bytes).
+        self._memo: OrderedDict[str, _CaptureMemo] = OrderedDict()
 
     @property
     def runtime(self) -> RedisRuntime:
@@ -325,17 +340,15 @@ class CheckpointManager:
                 lock.check()
                 return create_streamed(self, draft, keys, newest)
         known = self._known_state(task_id, newest)
-        # Redis leaves out the rows the keyframe already holds: only changes travel.
-        base = {k: d for k, (d, _) in known.keyframe.index.items()} if known else None
-        snapshot = self._capture(task_id, newest, base)
+        snapshot = self._capture(task_id, newest)
         durable = self.store.read_durable(task_id)
-        if not snapshot.keys and not durable.row_count:
+        if not snapshot.replies and not durable.row_count:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
         if (
             trigger is CheckpointTrigger.PERIODIC
-            and not snapshot.keys
+            and not snapshot.replies
             and newest is not None
             and newest.key_count
         ):
@@ -346,9 +359,25 @@ class CheckpointManager:
                 f"{newest.key_count}): not checkpointing over them; recover the task, or "
                 "take a manual checkpoint if the loss is intended"
             )
-        image = RuntimeImage.of(snapshot)
         durable_payload = encode_tables("durable", durable.tables)
         skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
+        memo = self._memo.get(task_id)
+        if (
+            newest is not None
+            and known is not None
+            and memo is not None
+            and memo.checkpoint_id == newest.checkpoint_id
+            and memo.replies == snapshot.replies
+        ):
+            # Read exactly as last time (values and expiry instants alike): the runtime
+            # state is the newest checkpoint's, and nothing needs packing or hashing.
+            same = state_hashes(
+                newest.runtime_state_hash, durable_payload.digest, skills_payload.digest
+            )
+            if same[0] == newest.state_hash:
+                self._memo.move_to_end(task_id)
+                return newest  # unchanged, and intact
+        image = RuntimeImage.of(snapshot)
         runtime_hash = image.runtime_hash()
         state_hash, durable_hash = state_hashes(
             runtime_hash, durable_payload.digest, skills_payload.digest
@@ -359,19 +388,11 @@ class CheckpointManager:
             and newest.state_hash == state_hash
             and not expiries_moved(known.current, image)
         ):
+            self._keep_capture(task_id, newest.checkpoint_id, snapshot)
             return newest  # unchanged (TTLs ticking down do not count), and intact
         runtime = delta_payloads(image, known.keyframe) if known is not None else []
         keyframe = known.keyframe if runtime and known is not None else None
         if keyframe is None:
-            if not snapshot.complete:
-                # Too much changed for a delta: a new keyframe needs every row. Read the
-                # task again in full (one more atomic read) and store that state.
-                snapshot = self._capture(task_id, newest, None)
-                image = RuntimeImage.of(snapshot)
-                runtime_hash = image.runtime_hash()
-                state_hash, durable_hash = state_hashes(
-                    runtime_hash, durable_payload.digest, skills_payload.digest
-                )
             frame_payloads, keyframe = keyframe_payloads(image)
             runtime = [(p.kind, p.digest, p) for p in frame_payloads]
         parts = [*runtime]
@@ -388,7 +409,7 @@ class CheckpointManager:
             created_at=started,
             completed_at=utcnow(),
             metadata={**extra, **_capture_note(snapshot.node_by_node)},
-            key_count=len(snapshot.keys),
+            key_count=len(snapshot.replies),
             row_count=durable.row_count,
             raw_bytes=snapshot.row_bytes + len(durable_payload.raw) + len(skills_payload.raw),
             point_in_time=snapshot.point_in_time,
@@ -428,18 +449,17 @@ class CheckpointManager:
             raise
         self._trust(d for _, d in manifest)
         self._remember(task_id, _KnownState(done.checkpoint_id, keyframe, image.index()))
+        if done.checkpoint_id == meta.checkpoint_id:
+            self._keep_capture(task_id, done.checkpoint_id, snapshot)
         return done
 
-    def _capture(
-        self, task_id: str, newest: CheckpointMetadata | None, base: dict[bytes, bytes] | None
-    ) -> Snapshot:
+    def _capture(self, task_id: str, newest: CheckpointMetadata | None) -> Snapshot:
         cfg = self.config
         return self.runtime.capture(
             task_id,
             atomic_max_keys=cfg.atomic_max_keys,
             batch_keys=cfg.batch_keys,
             expected_keys=newest.key_count if newest is not None else 0,
-            known=base,
         )
 
     def _known_state(self, task_id: str, newest: CheckpointMetadata | None) -> _KnownState | None:
@@ -465,6 +485,18 @@ class CheckpointManager:
         known = _KnownState(newest.checkpoint_id, contents.keyframe, contents.current)
         self._remember(task_id, known)
         return known
+
+    def _keep_capture(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> None:
+        """Keep what was read for ``checkpoint_id``'s state, within :data:`_MEMO_BYTES`."""
+        self._memo.pop(task_id, None)
+        size = snapshot.row_bytes
+        if size > _MEMO_BYTES:
+            return
+        self._memo[task_id] = _CaptureMemo(checkpoint_id, snapshot.replies, size)
+        total = sum(m.size for m in self._memo.values())
+        while total > _MEMO_BYTES:
+            _, dropped = self._memo.popitem(last=False)
+            total -= dropped.size
 
     def _remember(self, task_id: str, known: _KnownState) -> None:
         self._known[task_id] = known

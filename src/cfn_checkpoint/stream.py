@@ -77,11 +77,11 @@ def create_streamed(
     try:
         with store.atomic() as db:
             size = 0
-            for captured_at, replies in manager.runtime.read_batches(keys, cfg.batch_keys):
-                for key, digest, pttl, row, row_size in replies:
+            for captured_at, rows in manager.runtime.read_batches(keys, cfg.batch_keys):
+                for key, digest, pttl, row in rows:
                     runtime.update(digest)
                     count += 1
-                    row_bytes += row_size
+                    row_bytes += len(row)
                     if pttl >= 0:
                         expiring.append([key, captured_at + pttl])
                     chunk.append(row)

@@ -11,8 +11,9 @@ point in time (the checkpoint says so) and such a restore is not atomic.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -22,7 +23,7 @@ from redis.commands.core import Script
 from redis.crc import key_slot
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError
-from ..image import Snapshot
+from ..image import Row, Snapshot, gc_paused, packed_rows
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
@@ -40,10 +41,8 @@ __all__ = [
 
 #: Redis types read natively; every other type is kept as a DUMP payload.
 _NATIVE = {"string", "list", "hash", "set", "zset"}
-#: Packs restore specs and known digests for Redis's cmsgpack, which reads bytes as raw
-#: strings, not bin.
+#: Packs restore specs for Redis's cmsgpack, which reads bytes as raw strings, not bin.
 _SPEC_PACKER = msgpack.Packer(use_bin_type=False)
-_KNOWN_PACKER = _SPEC_PACKER
 #: How often capture re-reads when keys appear meanwhile.
 _CAPTURE_ATTEMPTS = 3
 #: How often a read or write of one Redis Cluster slot is tried again with keys of the task
@@ -162,7 +161,6 @@ class RedisRuntime:
         atomic_max_keys: int = 50_000,
         batch_keys: int = 1_000,
         expected_keys: int = 0,
-        known: Mapping[bytes, bytes] | None = None,
     ) -> Snapshot:
         """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
 
@@ -175,9 +173,6 @@ class RedisRuntime:
         no key appeared in between (the read is repeated if one did). A task larger
         than ``atomic_max_keys`` is read in batches and marked not point-in-time.
 
-        Redis builds each key's row and digest. Keys whose digest ``known`` already
-        maps them to are not sent (their row is ``None``); batches ignore ``known``.
-
         On a Redis Cluster no script may scan, so the keys are always listed first.
         Under the cluster layout the read itself then checks, at the instant it runs,
         that the slot holds no key of the task it was not given (``CLUSTER
@@ -187,23 +182,35 @@ class RedisRuntime:
         not point in time and says it was read ``node_by_node``.
         """
         version = self.version()
+        scanned = False
         if (
             not self.cluster
             and self._small_database(expected_keys)
             and expected_keys <= atomic_max_keys
         ):
-            blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
-            found = self._scan_read(task_id, atomic_max_keys, blob)
+            scanned = True
+            found = self._scan_read(task_id, atomic_max_keys)
             if found is not None:
                 return _snapshot(task_id, found[0], found[1], True, version)
         keys = self.task_keys(task_id)
+        if (
+            not self.cluster
+            and not scanned
+            and len(keys) <= atomic_max_keys
+            and self._small_database(len(keys))
+        ):
+            # The task turns out to fill most of the database (a first checkpoint, or it
+            # grew): one script finds and reads its keys, with no second listing.
+            found = self._scan_read(task_id, atomic_max_keys)
+            if found is not None:
+                return _snapshot(task_id, found[0], found[1], True, version)
         if self.cluster and self.layout.cluster:
             for _ in range(_SLOT_ATTEMPTS):
                 if len(keys) > atomic_max_keys:
                     break
                 if not keys:  # listed in one step on the task's node: empty at that instant
                     return _snapshot(task_id, self.server_time_ms(task_id), [], True, version)
-                now_ms, read = self._read_slot(task_id, keys, known)
+                now_ms, read = self._read_slot(task_id, keys)
                 if isinstance(read, set):
                     keys = sorted(set(keys) | read)  # keys of the task that came meanwhile
                     continue
@@ -211,85 +218,80 @@ class RedisRuntime:
         for _ in range(0 if self.cluster and self.layout.cluster else _CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
                 break
-            now_ms, rows, steps = self._read(keys, known)
+            now_ms, replies, steps = self._read(keys)
             later = self.task_keys(task_id)
             if set(later) <= set(keys):
-                return _snapshot(task_id, now_ms, rows, steps <= 1, version, steps > 1)
+                return _snapshot(task_id, now_ms, replies, steps <= 1, version, steps > 1)
             keys = sorted(set(keys) | set(later))
-        replies: list[Any] = []
+        batches: list[Any] = []
         clock = 0
-        for batch_clock, batch in self.read_batches(keys, batch_keys):
-            clock = batch_clock  # the same for every batch: the first one's
-            replies.extend(batch)
+        for start in range(0, len(keys), batch_keys):
+            batch_ms, batch, _ = self._read(keys[start : start + batch_keys])
+            clock = clock or batch_ms  # TTLs count from the first batch's clock
+            batches.extend(batch)
         clock = clock or self.server_time_ms(task_id)
-        return _snapshot(task_id, clock, replies, False, version, not self.point_in_time)
+        return _snapshot(task_id, clock, batches, False, version, not self.point_in_time)
 
     def read_batches(
         self, keys: Sequence[bytes], batch_keys: int
-    ) -> Iterator[tuple[int, list[Any]]]:
+    ) -> Iterator[tuple[int, list[Row]]]:
         """Read ``keys`` (sorted) a batch at a time, for tasks too large to hold at once.
 
-        Yields ``(capture clock, replies)``: ``{key, digest, pttl, row, size}`` per key
-        still there, every TTL shifted onto the first batch's clock.
+        Yields ``(capture clock, rows)``: ``(key, digest, pttl, row)`` per key still
+        there (see :func:`~cfn_checkpoint.image.packed_rows`), every TTL counted from the
+        first batch's clock.
         """
         first_ms = 0
         for start in range(0, len(keys), batch_keys):
-            batch_ms, batch, _ = self._read(keys[start : start + batch_keys], None)
-            if not first_ms:
-                first_ms = batch_ms
-            elif batch_ms != first_ms:
-                # TTLs are kept relative to one capture clock: shift this batch's onto it.
-                shift = batch_ms - first_ms
-                batch = [r if r[2] < 0 else [r[0], r[1], r[2] + shift, *r[3:]] for r in batch]
-            yield first_ms, batch
+            batch_ms, batch, _ = self._read(keys[start : start + batch_keys])
+            first_ms = first_ms or batch_ms
+            yield first_ms, packed_rows(batch, first_ms)
 
     def write_entries(self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]) -> int:
         """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
         return self._write([], writes)[0]
 
-    def _scan_read(self, task_id: str, max_keys: int, known: bytes) -> tuple[int, Any] | None:
-        args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count, known]
+    def _scan_read(self, task_id: str, max_keys: int) -> tuple[int, Any] | None:
+        args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count]
         args.extend(self.layout.task_prefixes(task_id))
         with redis_errors(f"reading the keys of task {task_id}"):
             reply = self._capture_scan(keys=[], args=args)
         if len(reply) == 3 and not isinstance(reply[1], list) and int(reply[1]) == -1:
             return None
-        return int(reply[0]), reply[1:]
+        return int(reply[0]), unique_replies(reply[1:])
 
-    def _read(
-        self, keys: Sequence[bytes], known: Mapping[bytes, bytes] | None
-    ) -> tuple[int, list[Any], int]:
+    def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
         """``(clock, replies, script calls)``: one call, or on a cluster one per slot.
 
         Calls on several slots run at about the same moment (one pipeline per node), and
-        each reply's TTLs count from its own node's clock. The clock returned is the
-        earliest of them, so a TTL is never taken as later than it was (by at most the
-        time the pipeline took), whatever the skew between the nodes' clocks.
+        each reply's expiry instants are on its own node's clock. The clock returned is
+        the earliest of them, and each node's instants are moved onto it (by that node's
+        lead), so a TTL is never taken as later than it was (by at most the time the
+        pipeline took), whatever the skew between the nodes' clocks.
         """
         groups = self._by_slot(keys)
         if len(groups) <= 1:
-            blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
             with redis_errors("reading task keys"):
-                reply = self._capture(keys=list(keys), args=[blob])
+                reply = self._capture(keys=list(keys), args=[])
             return int(reply[0]), list(reply[1:]), 1
-        calls: list[tuple[list[bytes], list[Any]]] = []
-        for group in groups:
-            # Each slot is sent only its own keys' digests, not the whole task's.
-            part = {k: known[k] for k in group if k in known} if known else None
-            calls.append((group, [_KNOWN_PACKER.pack(part) if part else b""]))
+        calls: list[tuple[list[bytes], list[Any]]] = [(group, []) for group in groups]
         with redis_errors("reading task keys"):
             answers = self._call_many(self._capture, calls)
-        rows = [row for answer in answers for row in answer[1:]]
-        return min(int(answer[0]) for answer in answers), rows, len(calls)
+        clock = min(int(answer[0]) for answer in answers)
+        rows: list[Any] = []
+        for answer in answers:
+            lead = int(answer[0]) - clock
+            for row in answer[1:]:
+                if lead and row[2] >= 0:
+                    row[2] -= lead
+                rows.append(row)
+        return clock, rows, len(calls)
 
-    def _read_slot(
-        self, task_id: str, keys: Sequence[bytes], known: Mapping[bytes, bytes] | None
-    ) -> tuple[int, list[Any] | set[bytes]]:
+    def _read_slot(self, task_id: str, keys: Sequence[bytes]) -> tuple[int, list[Any] | set[bytes]]:
         """Read ``keys`` (all in the task's slot) in one script that first checks the slot
         holds no other key of the task: ``(clock, replies)``, or ``(clock, missed keys)``
         with nothing read."""
-        blob = _KNOWN_PACKER.pack(dict(known)) if known else b""
-        args = [blob, "slot", *self.layout.task_prefixes(task_id)]
+        args: list[Any] = ["slot", *self.layout.task_prefixes(task_id)]
         with redis_errors("reading task keys"):
             reply = self._capture(keys=list(keys), args=args)
         if len(reply) == 3 and not isinstance(reply[1], list) and int(reply[1]) == -1:
@@ -486,8 +488,10 @@ class RedisRuntime:
         ``writes``; when there are any, nothing was written."""
         calls: list[tuple[list[bytes], list[Any]]] = []
         for dropped, written in self._split_by_slot(stale, writes):
-            specs = [[entry.type.value, pttl, _items(entry)] for entry, pttl in written]
-            args: list[Any] = [len(dropped), _SPEC_PACKER.pack(specs)]
+            with gc_paused():
+                specs = [[_TYPE_NAMES[e.type], pttl, _items(e)] for e, pttl in written]
+                args: list[Any] = [len(dropped), _SPEC_PACKER.pack(specs)]
+                del specs
             if scan_task is not None:
                 args.extend(("scan", self.layout.scan_pattern(scan_task), self.scan_count))
                 args.extend(self.layout.task_prefixes(scan_task))
@@ -532,16 +536,17 @@ def _snapshot(
     version: str,
     node_by_node: bool = False,
 ) -> Snapshot:
-    """A snapshot from the scripts' ``{key, digest, pttl, row or nil, size}`` replies."""
-    replies = sorted(replies, key=lambda r: r[0])
-    keys = [r[0] for r in replies]
-    digests = [r[1] for r in replies]
-    pttls = [None if r[2] < 0 else r[2] for r in replies]
-    rows = [r[3] for r in replies]
-    size = sum(r[4] for r in replies)
-    return Snapshot(
-        task_id, keys, digests, pttls, rows, now_ms, point_in_time, version, size, node_by_node
-    )
+    """A snapshot of the capture scripts' ``{key, type, expiry, value, native}`` replies."""
+    replies = sorted(replies, key=itemgetter(0))
+    return Snapshot(task_id, replies, now_ms, point_in_time, version, node_by_node)
+
+
+def unique_replies(replies: list[Any]) -> list[Any]:
+    """``replies`` with each key once: an in-script SCAN may name a key twice (while Redis
+    rehashes), and the script reads it each time (the same value, atomically)."""
+    if len({r[0] for r in replies}) == len(replies):
+        return replies
+    return list({r[0]: r for r in replies}.values())
 
 
 def _tag(task_id: str) -> bytes:
@@ -554,13 +559,18 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+_TYPE_NAMES = {t: t.value for t in RedisType}
+_ONE_ITEM = (RedisType.STRING, RedisType.DUMP)
+
+
 def _items(entry: RuntimeEntry) -> list[bytes]:
-    if entry.type in (RedisType.STRING, RedisType.DUMP):
+    kind = entry.type
+    if kind in _ONE_ITEM:
         return [entry.value]
-    if entry.type in (RedisType.LIST, RedisType.SET):
+    if kind is RedisType.LIST or kind is RedisType.SET:
         return list(entry.value)
-    if entry.type == RedisType.HASH:
+    if kind is RedisType.HASH:
         return [part for pair in entry.value for part in pair]
-    if entry.type == RedisType.ZSET:
+    if kind is RedisType.ZSET:
         return [part for member, score in entry.value for part in (score, member)]
-    raise CheckpointError(f"cannot restore a key of type {entry.type}")
+    raise CheckpointError(f"cannot restore a key of type {kind}")

@@ -11,20 +11,17 @@ keys, it touches none. All use only commands of Redis 6.2, so a checkpoint resto
 
 from __future__ import annotations
 
-#: Lua: ``row(key)`` -> ``{key, digest, pttl, row, size}``, or nil for a key that is gone.
-#: The row is the key as cmsgpack ``[key, type, value, has_ttl, native_type or false]``
-#: (strings packed raw); value is a bulk string (string; DUMP payload, type ``dump``, for
-#: any type other than string/list/hash/set/zset) or a flat array (list items; set
-#: members, sorted; hash field, value, ... sorted by field; zset member, score, ... in
-#: rank order). digest is the row's SHA-1 in hex. pttl is the TTL left at ``now`` (the
-#: script's TIME at its start; -1: none). row is false when ``known[key]`` already
-#: holds that digest (the caller has it); size is the row's length either way.
-#: Building rows and digests here spares the client a pass over every key, and
-#: unchanged keys are not even sent.
+#: Lua: ``row(key)`` -> ``{key, type, expiry, value, native_type or false}``, or nil for a
+#: key that is gone. value is a bulk string (string; DUMP payload, type ``dump``, for any
+#: type other than string/list/hash/set/zset) or a flat array (list items; set members,
+#: sorted; hash field, value, ... sorted by field; zset member, score, ... in rank order).
+#: expiry is the instant the key expires, in ms on the server clock (-1: none), so an
+#: unchanged key reads the same every time. The client packs each key into its row and
+#: hashes it: measured here, packing and hashing in Lua (its cmsgpack and SHA-1) cost
+#: about 4 us a key, in the client about 1 us.
 _ROW = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local known = {}
 local has_expiretime = nil
 local function row(key)
   local ty = redis.call('TYPE', key)['ok']
@@ -62,52 +59,44 @@ local function row(key)
     ty = 'dump'
   end
   -- PEXPIRETIME (7.0+) gives the exact expiry instant; PTTL (6.2) is measured when
-  -- this key is read, up to the script's run time after ``now``.
-  -- The first key tells whether PEXPIRETIME exists; an older server is then not sent
-  -- one failing command per key (each would count in its error statistics).
-  local pttl
-  local at = false
-  if has_expiretime ~= false then
+  -- this key is read, up to the script's run time after ``now``. The first key tells
+  -- whether PEXPIRETIME exists; an older server is then not sent one failing command
+  -- per key (each would count in its error statistics).
+  local at
+  if has_expiretime then
+    at = redis.call('PEXPIRETIME', key)
+  elseif has_expiretime == nil then
     at = redis.pcall('PEXPIRETIME', key)
     has_expiretime = type(at) ~= 'table'
   end
   if not has_expiretime then
-    pttl = redis.call('PTTL', key)
-  elseif at < 0 then
-    pttl = at
-  else
-    pttl = math.max(at - now, 0)
+    at = redis.call('PTTL', key)
+    if at >= 0 then
+      at = now + at
+    end
   end
-  local packed = cmsgpack.pack({key, ty, value, pttl >= 0, native})
-  local digest = redis.sha1hex(packed)
-  local size = #packed
-  if known[key] == digest then
-    packed = false
-  end
-  return {key, digest, pttl, packed, size}
+  return {key, ty, at, value, native}
 end
 """
 
 #: Lua: ``task_keys(pattern, count, first)`` -> the keys SCAN finds for ``pattern`` that start
-#: with one of ARGV[first], ARGV[first + 1], ... (the task's exact prefixes), each once
-#: (SCAN may repeat a key). It walks the whole keyspace inside the script, so it blocks
-#: Redis for as long: callers use it only on small databases.
+#: with one of ARGV[first], ARGV[first + 1], ... (the task's exact prefixes). SCAN may
+#: name a key twice (while Redis rehashes); the callers cope, which is cheaper than a Lua
+#: table of the keys seen (measured: about 1 us a key). It walks the whole keyspace
+#: inside the script, so it blocks Redis for as long: callers use it only on small
+#: databases.
 _TASK_KEYS = r"""
 local function task_keys(pattern, count, first)
   local keys = {}
-  local seen = {}
   local cursor = '0'
   repeat
     local page = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', count)
     cursor = page[1]
     for _, key in ipairs(page[2]) do
-      if not seen[key] then
-        for p = first, #ARGV do
-          if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
-            seen[key] = true
-            keys[#keys + 1] = key
-            break
-          end
+      for p = first, #ARGV do
+        if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
+          keys[#keys + 1] = key
+          break
         end
       end
     end
@@ -172,24 +161,21 @@ end
 """
 
 #: Read keys atomically.
-#: KEYS: the keys to read.  ARGV: ``known, [slot, prefix1, prefix2, ...]``; known is a
-#: cmsgpack map of key -> digest ('' for none). With ``slot`` (Redis Cluster, all KEYS in
-#: one slot) the read is refused, as ``{now_ms, -1, {key, ...}}``, if that slot holds keys
-#: with one of the prefixes that are not in KEYS: the task's keys the caller missed.
+#: KEYS: the keys to read.  ARGV: none, or ``slot, prefix1, prefix2, ...``: with ``slot``
+#: (Redis Cluster, all KEYS in one slot) the read is refused, as ``{now_ms, -1, {key,
+#: ...}}``, if that slot holds keys with one of the prefixes that are not in KEYS: the
+#: task's keys the caller missed.
 #: Returns ``{now_ms, row(KEYS[1]), row(KEYS[2]), ...}``, keys that are gone left out.
 CAPTURE = (
     _ROW
     + _SLOT_KEYS
     + _UNDECLARED
     + r"""
-if ARGV[2] == 'slot' then
-  local missed = undeclared(3)
+if ARGV[1] == 'slot' then
+  local missed = undeclared(2)
   if #missed > 0 then
     return {now, -1, missed}
   end
-end
-if ARGV[1] ~= '' then
-  known = cmsgpack.unpack(ARGV[1])
 end
 local out = {now}
 for i = 1, #KEYS do
@@ -204,7 +190,7 @@ return out
 
 #: Find and read a task's keys in one atomic step (standalone Redis only: it reads keys
 #: not declared in KEYS).
-#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, known, prefix1, prefix2, ...``; a key
+#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, prefix1, prefix2, ...``; a key
 #: is the task's if it starts with one of the prefixes (the pattern may match more).
 #: Returns ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
 #: ``{now_ms, row(key1), row(key2), ...}``.
@@ -212,12 +198,9 @@ CAPTURE_SCAN = (
     _ROW
     + _TASK_KEYS
     + r"""
-local keys = task_keys(ARGV[1], ARGV[3], 5)
+local keys = task_keys(ARGV[1], ARGV[3], 4)
 if #keys > tonumber(ARGV[2]) then
   return {now, -1, #keys}
-end
-if ARGV[4] ~= '' then
-  known = cmsgpack.unpack(ARGV[4])
 end
 local out = {now}
 for _, key in ipairs(keys) do
@@ -285,12 +268,17 @@ for i = ndel + 1, #KEYS do
   local key = KEYS[i]
   local spec = specs[i - ndel]
   local ty, pttl, items = spec[1], spec[2], spec[3]
-  redis.call('DEL', key)
+  -- SET and RESTORE ... REPLACE replace the key whole, its TTL included.
   if ty == 'string' then
-    redis.call('SET', key, items[1])
+    if pttl > 0 then
+      redis.call('SET', key, items[1], 'PX', pttl)
+    else
+      redis.call('SET', key, items[1])
+    end
   elseif ty == 'dump' then
-    redis.call('RESTORE', key, 0, items[1], 'REPLACE')
+    redis.call('RESTORE', key, math.max(pttl, 0), items[1], 'REPLACE')
   else
+    redis.call('DEL', key)
     local cmd = commands[ty]
     local j = 1
     local last = #items
@@ -299,9 +287,9 @@ for i = ndel + 1, #KEYS do
       redis.call(cmd, key, unpack(items, j, k))
       j = k + 1
     end
-  end
-  if pttl > 0 then
-    redis.call('PEXPIRE', key, pttl)
+    if pttl > 0 then
+      redis.call('PEXPIRE', key, pttl)
+    end
   end
 end
 return {#KEYS - ndel, removed}
