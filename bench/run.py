@@ -7,7 +7,7 @@
 
 Everything runs against a private ``redis-server`` (``EmbeddedRedis``, unix socket) and
 fresh SQLite files in a temporary directory. Each timing is ``time.perf_counter()``
-around the one call measured, best of 3 for N <= 10,000 and best of 2 above (or
+around the one call measured, best of 5 for N <= 10,000 and best of 3 above (or
 ``--repeats``). Redis is flushed and repopulated between phases that change it.
 """
 
@@ -245,6 +245,21 @@ def _best(reps: list[dict[str, Any]], side: str, prefix: str) -> tuple[float, st
     return min(found)
 
 
+#: The time ratios: results key -> (numerator, denominator), each ``(side, time name)``.
+_TIMED: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "create_vs_floor": (("ours", "create_s"), ("floor", "create_s")),
+    "recover_vs_floor": (("ours", "recover_s"), ("floor", "recover_s")),
+    "baseline_vs_create": (("baseline", "create_s"), ("ours", "create_s")),
+    "baseline_vs_recover": (("baseline", "recover_s"), ("ours", "recover_s")),
+    "unchanged_vs_capture_floor": (("ours", "unchanged_s"), ("floor", "capture_s")),
+}
+
+
+def _rep_ratio(rep: dict[str, Any], key: str) -> float:
+    (top_side, top), (bottom_side, bottom) = _TIMED[key]
+    return _best([rep], top_side, top)[0] / _best([rep], bottom_side, bottom)[0]
+
+
 def summarize(n: int, raw: int, repeats: int, reps: list[dict[str, Any]]) -> dict[str, Any]:
     first = reps[0]["ours"]
     times: dict[str, float] = {}
@@ -286,10 +301,15 @@ def summarize(n: int, raw: int, repeats: int, reps: list[dict[str, Any]]) -> dic
         "changed_vs_full_stored": size["changed_stored_bytes"] / size["full_stored_bytes"],
         "stored_vs_raw": size["full_stored_bytes"] / raw,
     }
+    # The same ratios within each repetition (ours against that repetition's floor and
+    # baseline, measured seconds apart), and their median: steadier than the ratio of
+    # bests when the machine's speed drifts during a run.
+    paired = {key: statistics.median(_rep_ratio(rep, key) for rep in reps) for key in _TIMED}
     return {
         "n": n,
         "repeats": repeats,
         "times_s": times,
+        "paired_ratios": paired,
         "floor_variants": variants,
         "bytes": size,
         "ratios": ratios,
@@ -372,6 +392,20 @@ def table(results: list[dict[str, Any]]) -> str:
             value = r["ratios"][key]
             shown = f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
             cells.append(f"{shown} {'ok' if meets(value, target) else 'MISSED'}")
+        lines.append(f"| {label} | {target[0]} {target[1]:g} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "the time ratios within each repetition, median over the repetitions",
+        f"| ratio | target | {header} |",
+        "|---|---|" + "---:|" * len(results),
+    ]
+    for label, key, target in RATIOS:
+        if key not in _TIMED:
+            continue
+        cells = []
+        for r in results:
+            value = r["paired_ratios"][key]
+            cells.append(f"{value:.3g} {'ok' if meets(value, target) else 'MISSED'}")
         lines.append(f"| {label} | {target[0]} {target[1]:g} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in results:
@@ -492,7 +526,7 @@ def main() -> None:
         info["ping_round_trip_us"] = round(round_trip_us(client), 1)
         log(f"pinned to CPU {info['pinned_to_cpu']}; PING {info['ping_round_trip_us']} us")
         for n in sizes:
-            repeats = args.repeats or (3 if n <= 10_000 else 2)
+            repeats = args.repeats or (5 if n <= 10_000 else 3)
             results.append(run_size(server.url, client, n, repeats, tmp))
         client.close()
     report: dict[str, Any] = {

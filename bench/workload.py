@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from cfn_checkpoint import CheckpointManager, KeyLayout
-from cfn_checkpoint.durable.sqlite import SqliteStore
+from cfn_checkpoint.durable.sql import SqlStore
 
 TASK_ID = "bench-task"
 SEED = 20240601
@@ -210,7 +211,7 @@ def _write(pipe: Any, item: Key) -> None:
         pipe.pexpire(item.key, item.ttl_ms)
 
 
-def populate_redis(client: redis.Redis, items: Iterable[Key]) -> Populated:
+def populate_redis(client: redis.Redis | RedisCluster, items: Iterable[Key]) -> Populated:
     """Write generated keys (pipelined, no transaction): ``populate_redis(client,
     generate(n))``, or a list of them kept to populate again faster."""
     keys = raw = with_ttl = 0
@@ -226,9 +227,7 @@ def populate_redis(client: redis.Redis, items: Iterable[Key]) -> Populated:
     return Populated(keys, raw, with_ttl)
 
 
-def populate_durable(
-    store: SqliteStore, n: int, *, seed: int = SEED, task_id: str = TASK_ID
-) -> int:
+def populate_durable(store: SqlStore, n: int, *, seed: int = SEED, task_id: str = TASK_ID) -> int:
     """Add the task's durable rows and the global skills; returns the task's row count."""
     rng = random.Random(seed + 7)
     agents = max(1, counts(n).agents)
@@ -262,7 +261,7 @@ def populate_durable(
 
 
 def change_fraction(
-    client: redis.Redis,
+    client: redis.Redis | RedisCluster,
     n: int,
     fraction: float = 0.01,
     *,

@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -82,7 +83,7 @@ def gc_paused() -> Iterator[None]:
 def packed_rows(replies: Sequence[Any], now_ms: int) -> list[Row]:
     """``(key, digest, pttl, row)`` of each key as the capture scripts read it.
 
-    A reply is ``[key, type, expiry, value, native type or None]`` with the expiry in
+    A reply is ``(key, type, expiry, value, native type or None)`` with the expiry in
     ms since the epoch on the server clock (-1: none); pttl is the TTL left at
     ``now_ms`` (-1: none). The row is ``[key, type, value, has_ttl, native or false]``
     packed with msgpack (bytes as raw strings), its digest the row's SHA-1 in hex.
@@ -98,16 +99,32 @@ def packed_rows(replies: Sequence[Any], now_ms: int) -> list[Row]:
     return out
 
 
+def grouped(flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The capture scripts' flat reply (five items a key) as one tuple per key."""
+    it = iter(flat)
+    return list(zip(it, it, it, it, it, strict=True))
+
+
+def unique_replies(replies: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``replies`` with each key once: an in-script SCAN may name a key twice (while Redis
+    rehashes), and the script reads it each time (the same value, atomically)."""
+    if len({r[0] for r in replies}) == len(replies):
+        return replies
+    return list({r[0]: r for r in replies}.values())
+
+
 @dataclass(slots=True)
 class Snapshot:
-    """A task's runtime keys as read at one moment (when ``point_in_time``), sorted by key.
+    """A task's runtime keys as read at one moment (when ``point_in_time``).
 
-    ``replies`` are the keys as read (see :func:`packed_rows`); their rows and digests
-    are made the first time they are asked for, so an unchanged task costs no packing.
+    ``flat`` is what the capture scripts returned, in the order they read the keys
+    (five items a key: see :func:`packed_rows`). Keys sorted, rows and digests are
+    made the first time they are asked for, so an unchanged task, recognised by
+    comparing ``flat`` with an earlier read, costs no packing, hashing or sorting.
     """
 
     task_id: str
-    replies: list[list[Any]]
+    flat: list[Any]
     #: Server clock (ms since the epoch) at the moment of the read.
     captured_at_ms: int
     #: True when all keys were read in one atomic server-side step.
@@ -116,7 +133,18 @@ class Snapshot:
     #: True when the keys were read one Redis Cluster slot at a time (the reference
     #: layout on a cluster): never point in time.
     node_by_node: bool = False
+    _replies: list[tuple[Any, ...]] | None = field(default=None, repr=False)
     _rows: list[Row] | None = field(default=None, repr=False)
+    _row_bytes: int = field(default=-1, repr=False)
+
+    @property
+    def replies(self) -> list[tuple[Any, ...]]:
+        """One ``(key, type, expiry, value, native)`` per key, sorted by key."""
+        if self._replies is None:
+            with gc_paused():
+                replies = unique_replies(grouped(self.flat))
+                self._replies = sorted(replies, key=itemgetter(0))
+        return self._replies
 
     @property
     def keys(self) -> list[bytes]:
@@ -132,7 +160,9 @@ class Snapshot:
     @property
     def row_bytes(self) -> int:
         """Bytes of all rows."""
-        return sum(len(r[3]) for r in self.rows)
+        if self._row_bytes < 0:
+            self._row_bytes = sum(len(r[3]) for r in self.rows)
+        return self._row_bytes
 
     @property
     def entries(self) -> list[RuntimeEntry]:
@@ -149,27 +179,33 @@ class RuntimeImage:
     digests: list[bytes]
     expiries: list[int | None]
     captured_at_ms: int
+    _index: dict[bytes, tuple[bytes, int | None]] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, snapshot: Snapshot) -> RuntimeImage:
         """The image of a capture."""
         at = snapshot.captured_at_ms
         rows = snapshot.rows
-        return cls(
-            [r[0] for r in rows],
-            [r[3] for r in rows],
-            [r[1] for r in rows],
-            [None if r[2] < 0 else at + r[2] for r in rows],
-            at,
-        )
+        with gc_paused():
+            return cls(
+                [r[0] for r in rows],
+                [r[3] for r in rows],
+                [r[1] for r in rows],
+                [None if r[2] < 0 else at + r[2] for r in rows],
+                at,
+            )
 
     def runtime_hash(self) -> str:
         """See :func:`runtime_hash`."""
         return runtime_hash(self.digests)
 
     def index(self) -> dict[bytes, tuple[bytes, int | None]]:
-        """``key -> (row digest, expiry)``."""
-        return dict(zip(self.keys, zip(self.digests, self.expiries, strict=True), strict=True))
+        """``key -> (row digest, expiry)`` (made once; not to be changed)."""
+        if self._index is None:
+            with gc_paused():
+                pairs = zip(self.digests, self.expiries, strict=True)
+                self._index = dict(zip(self.keys, pairs, strict=True))
+        return self._index
 
 
 @dataclass(slots=True)

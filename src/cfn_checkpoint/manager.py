@@ -143,7 +143,8 @@ class _CaptureMemo:
     tolerance): a later capture equal to it, expiry instants included, is that state."""
 
     checkpoint_id: str
-    replies: list[list[Any]]
+    #: The capture scripts' reply, in the order they read the keys.
+    flat: list[Any]
     #: Row bytes of the capture: what keeping it costs, roughly.
     size: int
 
@@ -342,13 +343,13 @@ class CheckpointManager:
         known = self._known_state(task_id, newest)
         snapshot = self._capture(task_id, newest)
         durable = self.store.read_durable(task_id)
-        if not snapshot.replies and not durable.row_count:
+        if not snapshot.flat and not durable.row_count:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
         if (
             trigger is CheckpointTrigger.PERIODIC
-            and not snapshot.replies
+            and not snapshot.flat
             and newest is not None
             and newest.key_count
         ):
@@ -367,7 +368,7 @@ class CheckpointManager:
             and known is not None
             and memo is not None
             and memo.checkpoint_id == newest.checkpoint_id
-            and memo.replies == snapshot.replies
+            and memo.flat == snapshot.flat
         ):
             # Read exactly as last time (values and expiry instants alike): the runtime
             # state is the newest checkpoint's, and nothing needs packing or hashing.
@@ -492,7 +493,7 @@ class CheckpointManager:
         size = snapshot.row_bytes
         if size > _MEMO_BYTES:
             return
-        self._memo[task_id] = _CaptureMemo(checkpoint_id, snapshot.replies, size)
+        self._memo[task_id] = _CaptureMemo(checkpoint_id, snapshot.flat, size)
         total = sum(m.size for m in self._memo.values())
         while total > _MEMO_BYTES:
             _, dropped = self._memo.popitem(last=False)

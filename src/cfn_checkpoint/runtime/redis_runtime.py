@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -23,7 +22,7 @@ from redis.commands.core import Script
 from redis.crc import key_slot
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError
-from ..image import Row, Snapshot, gc_paused, packed_rows
+from ..image import Row, Snapshot, gc_paused, grouped, packed_rows
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
@@ -49,6 +48,10 @@ _CAPTURE_ATTEMPTS = 3
 #: that appeared between listing and running. Each try is one script call, and it fails
 #: only for keys created in that window (one round trip), so busy tasks get a few more.
 _SLOT_ATTEMPTS = 10
+#: SCAN's COUNT inside a script: it blocks Redis for the whole walk anyway, so fewer,
+#: larger pages only save calls (a client SCAN pages by ``scan_count``, not to hold
+#: Redis up).
+_SCRIPT_SCAN_COUNT = 10_000
 #: Script calls sent in one pipeline when a task's keys spread over many slots.
 _PIPELINE_CALLS = 1000
 
@@ -245,20 +248,21 @@ class RedisRuntime:
         for start in range(0, len(keys), batch_keys):
             batch_ms, batch, _ = self._read(keys[start : start + batch_keys])
             first_ms = first_ms or batch_ms
-            yield first_ms, packed_rows(batch, first_ms)
+            yield first_ms, packed_rows(grouped(batch), first_ms)
 
     def write_entries(self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]) -> int:
         """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
         return self._write([], writes)[0]
 
     def _scan_read(self, task_id: str, max_keys: int) -> tuple[int, Any] | None:
-        args: list[Any] = [self.layout.scan_pattern(task_id), max_keys, self.scan_count]
+        pattern = self.layout.scan_pattern(task_id)
+        args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT]
         args.extend(self.layout.task_prefixes(task_id))
         with redis_errors(f"reading the keys of task {task_id}"):
             reply = self._capture_scan(keys=[], args=args)
-        if len(reply) == 3 and not isinstance(reply[1], list) and int(reply[1]) == -1:
+        if len(reply) == 3 and reply[1] == -1:  # a key is bytes, never -1
             return None
-        return int(reply[0]), unique_replies(reply[1:])
+        return int(reply[0]), reply[1:]
 
     def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
         """``(clock, replies, script calls)``: one call, or on a cluster one per slot.
@@ -278,14 +282,15 @@ class RedisRuntime:
         with redis_errors("reading task keys"):
             answers = self._call_many(self._capture, calls)
         clock = min(int(answer[0]) for answer in answers)
-        rows: list[Any] = []
+        flat: list[Any] = []
         for answer in answers:
             lead = int(answer[0]) - clock
-            for row in answer[1:]:
-                if lead and row[2] >= 0:
-                    row[2] -= lead
-                rows.append(row)
-        return clock, rows, len(calls)
+            if lead:
+                for i in range(3, len(answer), 5):  # each key's expiry
+                    if answer[i] >= 0:
+                        answer[i] -= lead
+            flat.extend(answer[1:])
+        return clock, flat, len(calls)
 
     def _read_slot(self, task_id: str, keys: Sequence[bytes]) -> tuple[int, list[Any] | set[bytes]]:
         """Read ``keys`` (all in the task's slot) in one script that first checks the slot
@@ -294,9 +299,9 @@ class RedisRuntime:
         args: list[Any] = ["slot", *self.layout.task_prefixes(task_id)]
         with redis_errors("reading task keys"):
             reply = self._capture(keys=list(keys), args=args)
-        if len(reply) == 3 and not isinstance(reply[1], list) and int(reply[1]) == -1:
+        if len(reply) == 3 and reply[1] == -1:  # a key is bytes, never -1
             return int(reply[0]), set(reply[2])
-        return int(reply[0]), list(reply[1:])
+        return int(reply[0]), reply[1:]
 
     def _split_by_slot(
         self, stale: Sequence[bytes], writes: Sequence[tuple[RuntimeEntry, int]]
@@ -493,7 +498,7 @@ class RedisRuntime:
                 args: list[Any] = [len(dropped), _SPEC_PACKER.pack(specs)]
                 del specs
             if scan_task is not None:
-                args.extend(("scan", self.layout.scan_pattern(scan_task), self.scan_count))
+                args.extend(("scan", self.layout.scan_pattern(scan_task), _SCRIPT_SCAN_COUNT))
                 args.extend(self.layout.task_prefixes(scan_task))
             elif guard_task is not None:
                 args.append("slot")
@@ -531,22 +536,12 @@ class RedisRuntime:
 def _snapshot(
     task_id: str,
     now_ms: int,
-    replies: list[Any],
+    flat: list[Any],
     point_in_time: bool,
     version: str,
     node_by_node: bool = False,
 ) -> Snapshot:
-    """A snapshot of the capture scripts' ``{key, type, expiry, value, native}`` replies."""
-    replies = sorted(replies, key=itemgetter(0))
-    return Snapshot(task_id, replies, now_ms, point_in_time, version, node_by_node)
-
-
-def unique_replies(replies: list[Any]) -> list[Any]:
-    """``replies`` with each key once: an in-script SCAN may name a key twice (while Redis
-    rehashes), and the script reads it each time (the same value, atomically)."""
-    if len({r[0] for r in replies}) == len(replies):
-        return replies
-    return list({r[0]: r for r in replies}.values())
+    return Snapshot(task_id, flat, now_ms, point_in_time, version, node_by_node)
 
 
 def _tag(task_id: str) -> bytes:

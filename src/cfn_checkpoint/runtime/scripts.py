@@ -11,22 +11,26 @@ keys, it touches none. All use only commands of Redis 6.2, so a checkpoint resto
 
 from __future__ import annotations
 
-#: Lua: ``row(key)`` -> ``{key, type, expiry, value, native_type or false}``, or nil for a
-#: key that is gone. value is a bulk string (string; DUMP payload, type ``dump``, for any
+#: Lua: ``read(key)`` appends ``key, type, expiry, value, native_type or false`` to ``out``
+#: (a flat array: five items a key, after ``out[1]``, the clock), or nothing for a key
+#: that is gone. value is a bulk string (string; DUMP payload, type ``dump``, for any
 #: type other than string/list/hash/set/zset) or a flat array (list items; set members,
 #: sorted; hash field, value, ... sorted by field; zset member, score, ... in rank order).
 #: expiry is the instant the key expires, in ms on the server clock (-1: none), so an
 #: unchanged key reads the same every time. The client packs each key into its row and
 #: hashes it: measured here, packing and hashing in Lua (its cmsgpack and SHA-1) cost
-#: about 4 us a key, in the client about 1 us.
+#: about 4 us a key, in the client about 1 us. One flat array rather than one per key
+#: is cheaper to build here and to parse in the client.
 _ROW = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local has_expiretime = nil
-local function row(key)
+local out = {now}
+local nout = 1
+local function read(key)
   local ty = redis.call('TYPE', key)['ok']
   if ty == 'none' then
-    return nil
+    return
   end
   local value
   local native = false
@@ -75,7 +79,12 @@ local function row(key)
       at = now + at
     end
   end
-  return {key, ty, at, value, native}
+  out[nout + 1] = key
+  out[nout + 2] = ty
+  out[nout + 3] = at
+  out[nout + 4] = value
+  out[nout + 5] = native
+  nout = nout + 5
 end
 """
 
@@ -87,15 +96,27 @@ end
 #: databases.
 _TASK_KEYS = r"""
 local function task_keys(pattern, count, first)
+  -- The prefixes have one or two lengths (agent/swarm/queue, lock): one lookup per
+  -- length, not one comparison per prefix.
+  local wanted, lengths, seen_length = {}, {}, {}
+  for p = first, #ARGV do
+    wanted[ARGV[p]] = true
+    if not seen_length[#ARGV[p]] then
+      seen_length[#ARGV[p]] = true
+      lengths[#lengths + 1] = #ARGV[p]
+    end
+  end
   local keys = {}
+  local n = 0
   local cursor = '0'
   repeat
     local page = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', count)
     cursor = page[1]
     for _, key in ipairs(page[2]) do
-      for p = first, #ARGV do
-        if string.sub(key, 1, #ARGV[p]) == ARGV[p] then
-          keys[#keys + 1] = key
+      for i = 1, #lengths do
+        if wanted[string.sub(key, 1, lengths[i])] then
+          n = n + 1
+          keys[n] = key
           break
         end
       end
@@ -165,7 +186,8 @@ end
 #: (Redis Cluster, all KEYS in one slot) the read is refused, as ``{now_ms, -1, {key,
 #: ...}}``, if that slot holds keys with one of the prefixes that are not in KEYS: the
 #: task's keys the caller missed.
-#: Returns ``{now_ms, row(KEYS[1]), row(KEYS[2]), ...}``, keys that are gone left out.
+#: Returns ``{now_ms, <read(KEYS[1])>, <read(KEYS[2])>, ...}``: five items a key, keys
+#: that are gone left out.
 CAPTURE = (
     _ROW
     + _SLOT_KEYS
@@ -177,12 +199,8 @@ if ARGV[1] == 'slot' then
     return {now, -1, missed}
   end
 end
-local out = {now}
 for i = 1, #KEYS do
-  local r = row(KEYS[i])
-  if r then
-    out[#out + 1] = r
-  end
+  read(KEYS[i])
 end
 return out
 """
@@ -193,7 +211,7 @@ return out
 #: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, prefix1, prefix2, ...``; a key
 #: is the task's if it starts with one of the prefixes (the pattern may match more).
 #: Returns ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
-#: ``{now_ms, row(key1), row(key2), ...}``.
+#: ``{now_ms, <read(key1)>, <read(key2)>, ...}`` (a key SCAN named twice is read twice).
 CAPTURE_SCAN = (
     _ROW
     + _TASK_KEYS
@@ -202,12 +220,8 @@ local keys = task_keys(ARGV[1], ARGV[3], 4)
 if #keys > tonumber(ARGV[2]) then
   return {now, -1, #keys}
 end
-local out = {now}
 for _, key in ipairs(keys) do
-  local r = row(key)
-  if r then
-    out[#out + 1] = r
-  end
+  read(key)
 end
 return out
 """
