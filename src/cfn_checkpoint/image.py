@@ -392,14 +392,13 @@ def _decode_image(payloads: Sequence[Payload]) -> DecodedImage:
     entries: list[RuntimeEntry] = []
     digests: list[bytes] = []
     current: dict[bytes, tuple[bytes, int | None]] = {}
-    append, simple = entries.append, _SIMPLE
-    for key in sorted(rows):
-        obj, digest = rows[key]
+    append, simple, new = entries.append, _SIMPLE, tuple.__new__
+    for key, (obj, digest) in sorted(rows.items()):
         expiry = expiries.get(key)
         kind = simple.get(obj[1]) if obj[4] is False else None
         if kind is not None and obj[3] is (expiry is not None):  # most keys: the fast path
             pttl = None if expiry is None else expiry - captured_at
-            append(RuntimeEntry(key, kind, obj[2], pttl, None))
+            append(new(RuntimeEntry, (key, kind, obj[2], pttl, None)))
         else:
             append(entry_of(obj, None if expiry is None else expiry - captured_at))
         digests.append(digest)

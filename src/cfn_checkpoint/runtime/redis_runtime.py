@@ -258,7 +258,7 @@ class RedisRuntime:
         pattern = self.layout.scan_pattern(task_id)
         args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT]
         args.extend(self.layout.task_prefixes(task_id))
-        with redis_errors(f"reading the keys of task {task_id}"):
+        with redis_errors(f"reading the keys of task {task_id}"), gc_paused():
             reply = self._capture_scan(keys=[], args=args)
         if len(reply) == 3 and reply[1] == -1:  # a key is bytes, never -1
             return None
@@ -275,11 +275,11 @@ class RedisRuntime:
         """
         groups = self._by_slot(keys)
         if len(groups) <= 1:
-            with redis_errors("reading task keys"):
+            with redis_errors("reading task keys"), gc_paused():
                 reply = self._capture(keys=list(keys), args=[])
             return int(reply[0]), list(reply[1:]), 1
         calls: list[tuple[list[bytes], list[Any]]] = [(group, []) for group in groups]
-        with redis_errors("reading task keys"):
+        with redis_errors("reading task keys"), gc_paused():
             answers = self._call_many(self._capture, calls)
         clock = min(int(answer[0]) for answer in answers)
         flat: list[Any] = []
@@ -297,7 +297,7 @@ class RedisRuntime:
         holds no other key of the task: ``(clock, replies)``, or ``(clock, missed keys)``
         with nothing read."""
         args: list[Any] = ["slot", *self.layout.task_prefixes(task_id)]
-        with redis_errors("reading task keys"):
+        with redis_errors("reading task keys"), gc_paused():
             reply = self._capture(keys=list(keys), args=args)
         if len(reply) == 3 and reply[1] == -1:  # a key is bytes, never -1
             return int(reply[0]), set(reply[2])
@@ -494,9 +494,7 @@ class RedisRuntime:
         calls: list[tuple[list[bytes], list[Any]]] = []
         for dropped, written in self._split_by_slot(stale, writes):
             with gc_paused():
-                specs = [[_TYPE_NAMES[e.type], pttl, _items(e)] for e, pttl in written]
-                args: list[Any] = [len(dropped), _SPEC_PACKER.pack(specs)]
-                del specs
+                args: list[Any] = [len(dropped), _SPEC_PACKER.pack(_specs(written))]
             if scan_task is not None:
                 args.extend(("scan", self.layout.scan_pattern(scan_task), _SCRIPT_SCAN_COUNT))
                 args.extend(self.layout.task_prefixes(scan_task))
@@ -555,6 +553,17 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 _TYPE_NAMES = {t: t.value for t in RedisType}
+
+
+def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[list[Any]]:
+    """RESTORE's ``[type, pttl, items]`` of each write (strings, most keys, inline)."""
+    string = RedisType.STRING
+    return [
+        ["string", pttl, [e.value]] if e.type is string else [_TYPE_NAMES[e.type], pttl, _items(e)]
+        for e, pttl in writes
+    ]
+
+
 _ONE_ITEM = (RedisType.STRING, RedisType.DUMP)
 
 
