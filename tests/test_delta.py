@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -11,7 +12,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfn_checkpoint import CheckpointManager, KeyLayout
+from cfn_checkpoint import CheckpointManager, KeyLayout, image
 
 from conftest import task_state, wipe
 from strategies import task_states, write_state
@@ -106,3 +107,36 @@ def test_delta_survives_cleanup_of_its_keyframe_checkpoint(
     assert task_state(client, prefix) == expected
     _many(client, layout, 300, version=2, changed=3)  # and the next delta builds on it
     assert "delta" in _kinds(manager, manager.create_checkpoint("t").checkpoint_id)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=400_000), max_size=60),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_keyframe_chunks_are_cut_where_a_row_by_row_walk_cuts(sizes: list[int], seed: int) -> None:
+    """Chunk names must not depend on how the cut is computed: a chunk ends after a key
+    whose CRC32 has its ten low bits zero, or once it holds 1 MiB."""
+    rng = random.Random(seed)
+    keys = []
+    for i in range(len(sizes)):
+        # About a third of the keys end a chunk, a fifth only just do not (bit 9 set).
+        low = rng.choice((0, 0, 0, 0x200, 0x200, None, None, None, None, None))
+        key = rng.randbytes(8) + str(i).encode()
+        while low is not None and zlib.crc32(key) & 0x3FF != low:
+            key = rng.randbytes(8) + str(i).encode()
+        keys.append(key)
+    keys = sorted(set(keys))
+    rows = [bytes(size) for size in sizes[: len(keys)]]
+    expected: list[list[bytes]] = []
+    chunk: list[bytes] = []
+    size = 0
+    for key, row in zip(keys, rows, strict=True):
+        chunk.append(row)
+        size += len(row)
+        if (zlib.crc32(key) & 0x3FF) == 0 or size >= 1 << 20:
+            expected.append(chunk)
+            chunk, size = [], 0
+    if chunk:
+        expected.append(chunk)
+    assert list(image._chunks(keys, rows)) == expected

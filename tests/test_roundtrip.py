@@ -10,7 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 
 from cfn_checkpoint import CheckpointManager, KeyLayout
-from cfn_checkpoint.runtime.redis_runtime import unique_replies
+from cfn_checkpoint.image import unique_replies
 
 from conftest import task_state, wipe
 from strategies import task_states, write_state

@@ -24,6 +24,7 @@ keyframe plus one delta.
 
 from __future__ import annotations
 
+import binascii
 import gc
 import hashlib
 import zlib
@@ -31,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -61,8 +62,16 @@ def runtime_hash(digests: Iterable[bytes]) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-#: ``(key, digest, pttl, row)`` of one key read: see :func:`packed_rows`.
-Row = tuple[bytes, bytes, int, bytes]
+class Packed(NamedTuple):
+    """Keys as rows, column by column (one entry per key, in the same order)."""
+
+    keys: list[bytes]
+    #: Each row's SHA-1 in hex.
+    digests: list[bytes]
+    #: TTL left at the capture clock in ms, -1 for none.
+    pttls: list[int]
+    rows: list[bytes]
+
 
 _row_packer = msgpack.Packer(use_bin_type=False)  # bytes as raw strings, like cmsgpack
 
@@ -80,23 +89,25 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def packed_rows(replies: Sequence[Any], now_ms: int) -> list[Row]:
-    """``(key, digest, pttl, row)`` of each key as the capture scripts read it.
+def packed_rows(replies: Sequence[Any], now_ms: int) -> Packed:
+    """The rows of the keys as the capture scripts read them.
 
     A reply is ``(key, type, expiry, value, native type or None)`` with the expiry in
     ms since the epoch on the server clock (-1: none); pttl is the TTL left at
-    ``now_ms`` (-1: none). The row is ``[key, type, value, has_ttl, native or false]``
-    packed with msgpack (bytes as raw strings), its digest the row's SHA-1 in hex.
-    Packing and hashing here, not in Redis's Lua, costs about a quarter as much.
+    ``now_ms``. The row is ``[key, type, value, has_ttl, native or false]`` packed with
+    msgpack (bytes as raw strings), its digest the row's SHA-1 in hex. Packing and
+    hashing here, not in Redis's Lua, costs about a quarter as much; one column at a
+    time, about half as much again as a loop building a tuple per key.
     """
-    pack, sha1 = _row_packer.pack, hashlib.sha1
-    out = []
+    pack, sha1, hexlify = _row_packer.pack, hashlib.sha1, binascii.hexlify
     with gc_paused():
-        for key, ty, expiry, value, native in replies:
-            row = pack([key, ty, value, expiry >= 0, native or False])
-            pttl = -1 if expiry < 0 else max(expiry - now_ms, 0)
-            out.append((key, sha1(row).hexdigest().encode(), pttl, row))
-    return out
+        rows = [pack([k, t, v, x >= 0, n or False]) for k, t, x, v, n in replies]
+        return Packed(
+            [r[0] for r in replies],
+            [hexlify(sha1(row).digest()) for row in rows],
+            [-1 if r[2] < 0 else max(r[2] - now_ms, 0) for r in replies],
+            rows,
+        )
 
 
 def grouped(flat: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -134,7 +145,7 @@ class Snapshot:
     #: layout on a cluster): never point in time.
     node_by_node: bool = False
     _replies: list[tuple[Any, ...]] | None = field(default=None, repr=False)
-    _rows: list[Row] | None = field(default=None, repr=False)
+    _packed: Packed | None = field(default=None, repr=False)
     _row_bytes: int = field(default=-1, repr=False)
 
     @property
@@ -151,23 +162,27 @@ class Snapshot:
         return [r[0] for r in self.replies]
 
     @property
-    def rows(self) -> list[Row]:
-        """``(key, digest, pttl, row)`` of every key, in key order."""
-        if self._rows is None:
-            self._rows = packed_rows(self.replies, self.captured_at_ms)
-        return self._rows
+    def packed(self) -> Packed:
+        """Every key as a row, in key order."""
+        if self._packed is None:
+            self._packed = packed_rows(self.replies, self.captured_at_ms)
+        return self._packed
 
     @property
     def row_bytes(self) -> int:
         """Bytes of all rows."""
         if self._row_bytes < 0:
-            self._row_bytes = sum(len(r[3]) for r in self.rows)
+            self._row_bytes = sum(map(len, self.packed.rows))
         return self._row_bytes
 
     @property
     def entries(self) -> list[RuntimeEntry]:
         """The keys as entries."""
-        return [decode_row(row, None if pttl < 0 else pttl) for _, _, pttl, row in self.rows]
+        packed = self.packed
+        return [
+            decode_row(row, None if pttl < 0 else pttl)
+            for pttl, row in zip(packed.pttls, packed.rows, strict=True)
+        ]
 
 
 @dataclass(slots=True)
@@ -185,15 +200,9 @@ class RuntimeImage:
     def of(cls, snapshot: Snapshot) -> RuntimeImage:
         """The image of a capture."""
         at = snapshot.captured_at_ms
-        rows = snapshot.rows
+        keys, digests, pttls, rows = snapshot.packed
         with gc_paused():
-            return cls(
-                [r[0] for r in rows],
-                [r[3] for r in rows],
-                [r[1] for r in rows],
-                [None if r[2] < 0 else at + r[2] for r in rows],
-                at,
-            )
+            return cls(keys, rows, digests, [None if p < 0 else at + p for p in pttls], at)
 
     def runtime_hash(self) -> str:
         """See :func:`runtime_hash`."""
@@ -217,19 +226,35 @@ class Keyframe:
     index: dict[bytes, tuple[bytes, int | None]] = field(default_factory=dict)
 
 
+def _chunks(keys: list[bytes], rows: list[bytes]) -> Iterator[list[bytes]]:
+    """``rows`` cut after each key whose CRC32 has the low bits of :data:`_CHUNK_MASK` all
+    zero, or once a chunk holds :data:`_CHUNK_MAX_BYTES`: the same cuts for the same keys,
+    so unchanged chunks keep their names from one keyframe to the next."""
+    crc32, mask = zlib.crc32, _CHUNK_MASK
+    cuts = [i + 1 for i, key in enumerate(keys) if not crc32(key) & mask]
+    if not cuts or cuts[-1] != len(keys):
+        cuts.append(len(keys))
+    start = 0
+    for end in cuts:
+        chunk = rows[start:end]
+        if sum(map(len, chunk)) >= _CHUNK_MAX_BYTES:  # rare: cut by size as well
+            part: list[bytes] = []
+            size = 0
+            for row in chunk:
+                part.append(row)
+                size += len(row)
+                if size >= _CHUNK_MAX_BYTES:
+                    yield part
+                    part, size = [], 0
+            chunk = part
+        if chunk:
+            yield chunk
+        start = end
+
+
 def keyframe_payloads(image: RuntimeImage) -> tuple[list[Payload], Keyframe]:
     """The ``base`` chunks and ``ttl`` payload of a keyframe, and its :class:`Keyframe`."""
-    payloads: list[Payload] = []
-    chunk: list[bytes] = []
-    size = 0
-    for key, row in zip(image.keys, image.rows, strict=True):
-        chunk.append(row)
-        size += len(row)
-        if (zlib.crc32(key) & _CHUNK_MASK) == 0 or size >= _CHUNK_MAX_BYTES:
-            payloads.append(_raw_payload("base", b"".join(chunk)))
-            chunk, size = [], 0
-    if chunk:
-        payloads.append(_raw_payload("base", b"".join(chunk)))
+    payloads = [_raw_payload("base", b"".join(c)) for c in _chunks(image.keys, image.rows)]
     expiring = [[k, x] for k, x in zip(image.keys, image.expiries, strict=True) if x is not None]
     ttl = make_payload("ttl", [image.captured_at_ms, expiring])
     payloads.append(ttl)

@@ -77,8 +77,8 @@ def create_streamed(
     try:
         with store.atomic() as db:
             size = 0
-            for captured_at, rows in manager.runtime.read_batches(keys, cfg.batch_keys):
-                for key, digest, pttl, row in rows:
+            for captured_at, packed in manager.runtime.read_batches(keys, cfg.batch_keys):
+                for key, digest, pttl, row in zip(*packed, strict=True):
                     runtime.update(digest)
                     count += 1
                     row_bytes += len(row)

@@ -22,7 +22,7 @@ from redis.commands.core import Script
 from redis.crc import key_slot
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError
-from ..image import Row, Snapshot, gc_paused, grouped, packed_rows
+from ..image import Packed, Snapshot, gc_paused, grouped, packed_rows
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
@@ -235,14 +235,12 @@ class RedisRuntime:
         clock = clock or self.server_time_ms(task_id)
         return _snapshot(task_id, clock, batches, False, version, not self.point_in_time)
 
-    def read_batches(
-        self, keys: Sequence[bytes], batch_keys: int
-    ) -> Iterator[tuple[int, list[Row]]]:
+    def read_batches(self, keys: Sequence[bytes], batch_keys: int) -> Iterator[tuple[int, Packed]]:
         """Read ``keys`` (sorted) a batch at a time, for tasks too large to hold at once.
 
-        Yields ``(capture clock, rows)``: ``(key, digest, pttl, row)`` per key still
-        there (see :func:`~cfn_checkpoint.image.packed_rows`), every TTL counted from the
-        first batch's clock.
+        Yields ``(capture clock, packed)``: the keys still there as rows (see
+        :func:`~cfn_checkpoint.image.packed_rows`), every TTL counted from the first
+        batch's clock.
         """
         first_ms = 0
         for start in range(0, len(keys), batch_keys):
