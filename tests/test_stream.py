@@ -127,3 +127,23 @@ def test_stream_from_newer_redis_is_refused_before_the_large_task_is_touched(
             target.recover_from_checkpoint("big", meta.checkpoint_id)
         assert task_state(target.runtime.client, prefix) == before
         target.runtime.delete_task("big")
+
+
+def test_large_task_with_a_stream_that_expires_recovers(
+    streamed: CheckpointManager, layout: KeyLayout, prefix: str
+) -> None:
+    """A stream (kept as a DUMP payload) with a TTL in a streamed task: its payload is
+    checked against the server before writing, and it comes back with its TTL."""
+    client = streamed.runtime.client
+    write_state(client, layout, "big", _state(60))
+    events = layout.key("queue", "big", "events")
+    client.xadd(events, {b"k": b"v"})
+    client.pexpire(events, 600_000)
+    before = task_state(client, prefix)
+    meta = streamed.create_checkpoint("big")
+    assert meta.key_count == 61 and not meta.point_in_time
+    streamed.runtime.delete_task("big")
+    result = streamed.recover_from_checkpoint("big")
+    assert result.success and result.keys_restored == 61
+    assert task_state(client, prefix) == before
+    assert 0 < client.pttl(events) <= 600_000

@@ -196,7 +196,9 @@ def check_streamed(
                     f"checkpoint key {obj[0]!r} does not belong to task {meta.task_id}"
                 )
             if obj[1] == b"dump":
-                dumps.append(entry_of(obj, None))
+                # Only the payload is checked (its TTL comes from the ttl payload when
+                # the row is written): any TTL stands in for one the row says it has.
+                dumps.append(entry_of(obj, 0 if obj[3] else None))
     durable = [d for k, d in manifest if k == "durable"]
     skills = [d for k, d in manifest if k == "skills"]
     if len(durable) != 1 or len(skills) != 1:
