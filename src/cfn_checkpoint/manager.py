@@ -45,6 +45,7 @@ from .image import (
     keyframe_payloads,
 )
 from .layout import KeyLayout, validate_checkpoint_id, validate_task_id
+from .memo import CaptureMemo
 from .model import (
     USABLE_STATUSES,
     CheckpointConfig,
@@ -114,8 +115,6 @@ def _capture_note(node_by_node: bool) -> dict[str, Any]:
 _VERIFIED_CACHE = 200_000
 #: For how many tasks a manager remembers the newest checkpoint's keyframe and key index.
 _KNOWN_TASKS = 256
-#: Row bytes of the captures a manager keeps, over all tasks (see ``_CaptureMemo``).
-_MEMO_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,18 +134,6 @@ class _KnownState:
     checkpoint_id: str
     keyframe: Keyframe
     current: dict[bytes, tuple[bytes, int | None]]
-
-
-@dataclass(frozen=True, slots=True)
-class _CaptureMemo:
-    """A capture whose runtime state is ``checkpoint_id``'s (its expiries within the
-    tolerance): a later capture equal to it, expiry instants included, is that state."""
-
-    checkpoint_id: str
-    #: The capture scripts' reply, in the order they read the keys.
-    flat: list[Any]
-    #: Row bytes of the capture: what keeping it costs, roughly.
-    size: int
 
 
 class CheckpointManager:
@@ -181,7 +168,7 @@ class CheckpointManager:
         #: Per task, the newest checkpoint's keyframe and key index (bounded).
         self._known: OrderedDict[str, _KnownState] = OrderedDict()
         #: Per task, the capture that matched its newest checkpoint (bounded in bytes).
-        self._memo: OrderedDict[str, _CaptureMemo] = OrderedDict()
+        self._memo = CaptureMemo(self.config.capture_memo_bytes)
 
     @property
     def runtime(self) -> RedisRuntime:
@@ -362,13 +349,10 @@ class CheckpointManager:
             )
         durable_payload = encode_tables("durable", durable.tables)
         skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
-        memo = self._memo.get(task_id)
         if (
             newest is not None
             and known is not None
-            and memo is not None
-            and memo.checkpoint_id == newest.checkpoint_id
-            and memo.flat == snapshot.flat
+            and self._memo.matches(task_id, newest.checkpoint_id, snapshot)
         ):
             # Read exactly as last time (values and expiry instants alike): the runtime
             # state is the newest checkpoint's, and nothing needs packing or hashing.
@@ -376,7 +360,6 @@ class CheckpointManager:
                 newest.runtime_state_hash, durable_payload.digest, skills_payload.digest
             )
             if same[0] == newest.state_hash:
-                self._memo.move_to_end(task_id)
                 return newest  # unchanged, and intact
         image = RuntimeImage.of(snapshot)
         runtime_hash = image.runtime_hash()
@@ -389,7 +372,7 @@ class CheckpointManager:
             and newest.state_hash == state_hash
             and not expiries_moved(known.current, image)
         ):
-            self._keep_capture(task_id, newest.checkpoint_id, snapshot)
+            self._memo.keep(task_id, newest.checkpoint_id, snapshot)
             return newest  # unchanged (TTLs ticking down do not count), and intact
         runtime = delta_payloads(image, known.keyframe) if known is not None else []
         keyframe = known.keyframe if runtime and known is not None else None
@@ -451,7 +434,7 @@ class CheckpointManager:
         self._trust(d for _, d in manifest)
         self._remember(task_id, _KnownState(done.checkpoint_id, keyframe, image.index()))
         if done.checkpoint_id == meta.checkpoint_id:
-            self._keep_capture(task_id, done.checkpoint_id, snapshot)
+            self._memo.keep(task_id, done.checkpoint_id, snapshot)
         return done
 
     def _capture(self, task_id: str, newest: CheckpointMetadata | None) -> Snapshot:
@@ -486,18 +469,6 @@ class CheckpointManager:
         known = _KnownState(newest.checkpoint_id, contents.keyframe, contents.current)
         self._remember(task_id, known)
         return known
-
-    def _keep_capture(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> None:
-        """Keep what was read for ``checkpoint_id``'s state, within :data:`_MEMO_BYTES`."""
-        self._memo.pop(task_id, None)
-        size = snapshot.row_bytes
-        if size > _MEMO_BYTES:
-            return
-        self._memo[task_id] = _CaptureMemo(checkpoint_id, snapshot.flat, size)
-        total = sum(m.size for m in self._memo.values())
-        while total > _MEMO_BYTES:
-            _, dropped = self._memo.popitem(last=False)
-            total -= dropped.size
 
     def _remember(self, task_id: str, known: _KnownState) -> None:
         self._known[task_id] = known

@@ -183,6 +183,10 @@ class CheckpointConfig:
     lock_timeout: float = 60.0
     #: zstandard compression level for payloads.
     compression_level: int = 3
+    #: Memory (estimated, over all tasks) for the last capture of each recently
+    #: checkpointed task: a later capture equal to it is recognised as unchanged without
+    #: packing or hashing a key. 0 keeps none.
+    capture_memo_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,79 @@
+"""Captures kept in memory, so an unchanged task is recognised without packing a key.
+
+A capture's flat reply (see :class:`~cfn_checkpoint.image.Snapshot`) holds every key's
+value and expiry instant as read. If a later capture of the task is equal to the one
+kept for its newest checkpoint, the task's runtime state is that checkpoint's: no row
+needs packing or hashing. What is kept is bounded by an estimate of the memory it
+takes, over all tasks, and is safe to use from several threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .image import Snapshot
+
+#: Estimated bytes a Python object in a reply takes besides its content (a ``bytes`` is
+#: 33 plus allocator rounding, an ``int`` 28-32, and each slot of a list holding it 8).
+_PER_OBJECT = 40
+_PER_LIST = 56
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    checkpoint_id: str
+    flat: list[Any]
+    size: int
+
+
+class CaptureMemo:
+    """For each task, the capture that matched its newest checkpoint (least recently
+    used dropped first once the estimate passes ``max_bytes``; 0 keeps nothing)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """The estimated bytes kept now."""
+        return self._size
+
+    def matches(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``."""
+        with self._lock:
+            kept = self._kept.get(task_id)
+            if kept is None or kept.checkpoint_id != checkpoint_id:
+                return False
+            self._kept.move_to_end(task_id)
+        return kept.flat == snapshot.flat
+
+    def keep(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` as what ``checkpoint_id``'s runtime state reads as."""
+        size = estimate(snapshot)
+        with self._lock:
+            old = self._kept.pop(task_id, None)
+            if old is not None:
+                self._size -= old.size
+            if size > self.max_bytes:
+                return
+            self._kept[task_id] = _Kept(checkpoint_id, snapshot.flat, size)
+            self._size += size
+            while self._size > self.max_bytes:
+                _, dropped = self._kept.popitem(last=False)
+                self._size -= dropped.size
+
+
+def estimate(snapshot: Snapshot) -> int:
+    """Bytes that keeping ``snapshot``'s reply takes, estimated from above: its rows'
+    bytes plus a fixed cost per Python object (measured with tracemalloc: 0.5-0.85 of
+    this on tasks of small hash fields and of JSON strings)."""
+    flat = snapshot.flat
+    lists = [v for v in flat[3::5] if type(v) is list]
+    items = len(flat) + sum(map(len, lists))
+    return snapshot.row_bytes + _PER_OBJECT * items + _PER_LIST * len(lists)

@@ -1,0 +1,82 @@
+"""The captures a manager keeps to recognise an unchanged task (memo.py)."""
+
+from __future__ import annotations
+
+import threading
+
+from cfn_checkpoint import CheckpointConfig, CheckpointManager, KeyLayout
+from cfn_checkpoint.image import Snapshot
+from cfn_checkpoint.memo import CaptureMemo, estimate
+
+
+def _snapshot(value: bytes, expiry: int = -1) -> Snapshot:
+    flat = [b"agent:t:a", b"string", expiry, value, None, b"queue:t:q", b"list", -1, [b"x"], None]
+    return Snapshot("t", flat, 1_000, True, "7.0.0")
+
+
+def test_a_capture_matches_only_its_checkpoint_and_an_equal_read() -> None:
+    memo = CaptureMemo(1 << 20)
+    memo.keep("t", "cp1", _snapshot(b"v"))
+    assert memo.matches("t", "cp1", _snapshot(b"v"))
+    assert not memo.matches("t", "cp2", _snapshot(b"v"))  # a newer checkpoint
+    assert not memo.matches("t", "cp1", _snapshot(b"w"))  # another value
+    assert not memo.matches("t", "cp1", _snapshot(b"v", expiry=5_000))  # a TTL set
+    assert not memo.matches("u", "cp1", _snapshot(b"v"))  # another task
+
+
+def test_what_is_kept_stays_within_its_bound_least_recently_used_first() -> None:
+    one = estimate(_snapshot(b"v"))
+    assert one > len(b"agent:t:a")  # objects count, not only their bytes
+    memo = CaptureMemo(2 * one)
+    memo.keep("a", "cp", _snapshot(b"v"))
+    memo.keep("b", "cp", _snapshot(b"v"))
+    assert memo.matches("a", "cp", _snapshot(b"v"))  # "a" is now the most recent
+    memo.keep("c", "cp", _snapshot(b"v"))
+    assert memo.size == 2 * one
+    assert not memo.matches("b", "cp", _snapshot(b"v"))
+    assert memo.matches("a", "cp", _snapshot(b"v")) and memo.matches("c", "cp", _snapshot(b"v"))
+    memo.keep("a", "cp", _snapshot(b"v" * 10 * one))  # too large: dropped, not kept
+    assert memo.size == one and not memo.matches("a", "cp", _snapshot(b"v"))
+    off = CaptureMemo(0)
+    off.keep("a", "cp", _snapshot(b"v"))
+    assert off.size == 0 and not off.matches("a", "cp", _snapshot(b"v"))
+
+
+def test_threads_keep_and_match_at_once() -> None:
+    memo = CaptureMemo(3 * estimate(_snapshot(b"v")))
+    errors: list[BaseException] = []
+
+    def work(task: str) -> None:
+        try:
+            for i in range(3_000):
+                memo.keep(task, f"cp{i % 3}", _snapshot(b"v"))
+                memo.matches(task, f"cp{i % 3}", _snapshot(b"v"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"t{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert memo.size == sum(k.size for k in memo._kept.values()) <= memo.max_bytes
+
+
+def test_an_unchanged_read_then_a_change_is_still_recorded(
+    redis_url: str, db_url: str, layout: KeyLayout
+) -> None:
+    for memo_bytes in (0, 64 << 20):  # without and with the kept capture: the same answers
+        config = CheckpointConfig(capture_memo_bytes=memo_bytes)
+        with CheckpointManager.open(redis_url, db_url, layout=layout, config=config) as mgr:
+            agent = layout.key("agent", f"m{memo_bytes}", "a")
+            mgr.runtime.client.set(agent, b"1")
+            first = mgr.create_checkpoint(f"m{memo_bytes}")
+            assert mgr.create_checkpoint(f"m{memo_bytes}").checkpoint_id == first.checkpoint_id
+            mgr.runtime.client.set(agent, b"2")
+            second = mgr.create_checkpoint(f"m{memo_bytes}")
+            assert second.checkpoint_id != first.checkpoint_id
+            mgr.runtime.client.pexpire(agent, 600_000)  # a TTL alone is a change too
+            third = mgr.create_checkpoint(f"m{memo_bytes}")
+            assert third.checkpoint_id != second.checkpoint_id
+            assert mgr.create_checkpoint(f"m{memo_bytes}").checkpoint_id == third.checkpoint_id
