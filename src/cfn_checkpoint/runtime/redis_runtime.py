@@ -228,10 +228,21 @@ class RedisRuntime:
             keys = sorted(set(keys) | set(later))
         batches: list[Any] = []
         clock = 0
-        for start in range(0, len(keys), batch_keys):
-            batch_ms, batch, _ = self._read(keys[start : start + batch_keys])
-            clock = clock or batch_ms  # TTLs count from the first batch's clock
-            batches.extend(batch)
+        if not self.cluster:
+            # One server: every batch's script in one pipeline (they run back to back).
+            calls: list[tuple[Sequence[bytes], list[Any]]] = [
+                (keys[i : i + batch_keys], []) for i in range(0, len(keys), batch_keys)
+            ]
+            with redis_errors("reading task keys"), gc_paused():
+                answers = self._call_many(self._capture, calls)
+            for answer in answers:
+                clock = clock or int(answer[0])  # TTLs count from the first batch's clock
+                batches.extend(answer[1:])
+        else:
+            for start in range(0, len(keys), batch_keys):
+                batch_ms, batch, _ = self._read(keys[start : start + batch_keys])
+                clock = clock or batch_ms
+                batches.extend(batch)
         clock = clock or self.server_time_ms(task_id)
         return _snapshot(task_id, clock, batches, False, version, not self.point_in_time)
 
@@ -327,7 +338,8 @@ class RedisRuntime:
         self, script: Script, calls: Sequence[tuple[Sequence[bytes], Sequence[Any]]]
     ) -> list[Any]:
         """Run ``script`` once per ``(keys, args)`` (each call's keys in one slot), through
-        cluster pipelines: one round trip per node per :data:`_PIPELINE_CALLS` calls.
+        pipelines: one round trip (per node, on a cluster) per :data:`_PIPELINE_CALLS`
+        calls.
 
         redis-py's cluster pipeline sends each call to the node serving its slot and
         follows MOVED/ASK redirects. A node that does not know the script yet gets it
