@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 from cfn_checkpoint import CheckpointConfig, CheckpointManager, KeyLayout
-from cfn_checkpoint.image import Snapshot
+from cfn_checkpoint.image import Snapshot, gc_paused
 from cfn_checkpoint.memo import CaptureMemo, estimate
 
 
@@ -80,3 +81,23 @@ def test_an_unchanged_read_then_a_change_is_still_recorded(
             third = mgr.create_checkpoint(f"m{memo_bytes}")
             assert third.checkpoint_id != second.checkpoint_id
             assert mgr.create_checkpoint(f"m{memo_bytes}").checkpoint_id == third.checkpoint_id
+
+
+def test_collector_pauses_overlap_and_restore_what_was_there() -> None:
+    """``gc_paused`` sections may overlap (threads): the collector comes back on when the
+    last one ends, and stays off if it was off to begin with."""
+    assert gc.isenabled()
+    first, second = gc_paused(), gc_paused()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()  # the second section is still running
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the caller's choice is kept
+    finally:
+        gc.enable()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import binascii
 import gc
 import hashlib
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -76,17 +77,32 @@ class Packed(NamedTuple):
 _row_packer = msgpack.Packer(use_bin_type=False)  # bytes as raw strings, like cmsgpack
 
 
+_gc_pauses = 0  # sections inside gc_paused(), over all threads
+_gc_was_enabled = False
+_gc_lock = threading.Lock()
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside: building many small acyclic objects (a row,
-    an entry per key) otherwise sets off collections that walk every live object."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+    an entry per key) otherwise sets off collections that walk every live object.
+
+    The collector is process-wide, so pauses are counted over all threads: it is turned
+    back on when the last one ends, and only if it was on when the first one began.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def packed_rows(replies: Sequence[Any], now_ms: int) -> Packed:
