@@ -54,10 +54,6 @@ EXPIRY_TOLERANCE_MS = 50
 _packer = msgpack.Packer(use_bin_type=True)  # for delta headers (removed keys)
 
 
-def _digest(row: bytes) -> bytes:
-    return hashlib.sha1(row).hexdigest().encode()
-
-
 def runtime_hash(digests: Iterable[bytes]) -> str:
     """The hash of a task's runtime keys: SHA-256 over the row digests in key order."""
     return hashlib.sha256(b"".join(digests)).hexdigest()
@@ -349,7 +345,8 @@ def _rows(
     unpacker.feed(raw)
     header: object = None
     rows: list[tuple[list[Any], bytes]] = []
-    append, tell, sha1, view = rows.append, unpacker.tell, hashlib.sha1, memoryview(raw)
+    append, tell, view = rows.append, unpacker.tell, memoryview(raw)
+    sha1, hexlify = hashlib.sha1, binascii.hexlify
     start = 0
     try:
         if first_is_header:
@@ -357,7 +354,7 @@ def _rows(
             start = tell()
         for obj in unpacker:
             end = tell()
-            append((obj, sha1(view[start:end]).hexdigest().encode()))
+            append((obj, hexlify(sha1(view[start:end]).digest())))
             start = end
     except Exception as exc:  # msgpack raises several unrelated types
         raise CorruptCheckpointError(f"payload {digest[:12]} cannot be decoded: {exc}") from exc

@@ -380,6 +380,20 @@ class RedisRuntime:
         written until the list is whole); under the reference layout the task is
         written one slot at a time, never atomically.
         """
+        with gc_paused():  # a tuple or list per key, all alive until the write is sent
+            return self._restore_all(
+                task_id, entries, captured_at_ms, ttl_policy, atomic_max_keys, batch_keys
+            )
+
+    def _restore_all(
+        self,
+        task_id: str,
+        entries: Sequence[RuntimeEntry],
+        captured_at_ms: int,
+        ttl_policy: TtlPolicy | None,
+        atomic_max_keys: int,
+        batch_keys: int,
+    ) -> RestoreStats:
         prefixes = self.layout.task_prefixes(task_id)
         for entry in entries:
             if not entry.key.startswith(prefixes):
