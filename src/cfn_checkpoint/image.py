@@ -170,10 +170,6 @@ class Snapshot:
         return self._replies
 
     @property
-    def keys(self) -> list[bytes]:
-        return [r[0] for r in self.replies]
-
-    @property
     def packed(self) -> Packed:
         """Every key as a row, in key order."""
         if self._packed is None:

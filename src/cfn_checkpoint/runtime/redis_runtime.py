@@ -194,7 +194,7 @@ class RedisRuntime:
             scanned = True
             found = self._scan_read(task_id, atomic_max_keys)
             if found is not None:
-                return _snapshot(task_id, found[0], found[1], True, version)
+                return Snapshot(task_id, found[1], found[0], True, version)
         keys = self.task_keys(task_id)
         if (
             not self.cluster
@@ -206,25 +206,25 @@ class RedisRuntime:
             # grew): one script finds and reads its keys, with no second listing.
             found = self._scan_read(task_id, atomic_max_keys)
             if found is not None:
-                return _snapshot(task_id, found[0], found[1], True, version)
+                return Snapshot(task_id, found[1], found[0], True, version)
         if self.cluster and self.layout.cluster:
             for _ in range(_SLOT_ATTEMPTS):
                 if len(keys) > atomic_max_keys:
                     break
                 if not keys:  # listed in one step on the task's node: empty at that instant
-                    return _snapshot(task_id, self.server_time_ms(task_id), [], True, version)
+                    return Snapshot(task_id, [], self.server_time_ms(task_id), True, version)
                 now_ms, read = self._read_slot(task_id, keys)
                 if isinstance(read, set):
                     keys = sorted(set(keys) | read)  # keys of the task that came meanwhile
                     continue
-                return _snapshot(task_id, now_ms, read, True, version)
+                return Snapshot(task_id, read, now_ms, True, version)
         for _ in range(0 if self.cluster and self.layout.cluster else _CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
                 break
             now_ms, replies, steps = self._read(keys)
             later = self.task_keys(task_id)
             if set(later) <= set(keys):
-                return _snapshot(task_id, now_ms, replies, steps <= 1, version, steps > 1)
+                return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)
             keys = sorted(set(keys) | set(later))
         batches: list[Any] = []
         clock = 0
@@ -244,7 +244,7 @@ class RedisRuntime:
                 clock = clock or batch_ms
                 batches.extend(batch)
         clock = clock or self.server_time_ms(task_id)
-        return _snapshot(task_id, clock, batches, False, version, not self.point_in_time)
+        return Snapshot(task_id, batches, clock, False, version, not self.point_in_time)
 
     def read_batches(self, keys: Sequence[bytes], batch_keys: int) -> Iterator[tuple[int, Packed]]:
         """Read ``keys`` (sorted) a batch at a time, for tasks too large to hold at once.
@@ -553,17 +553,6 @@ class RedisRuntime:
         for start in range(0, len(keys), 1000):
             removed += self._delete_keys(keys[start : start + 1000])
         return removed
-
-
-def _snapshot(
-    task_id: str,
-    now_ms: int,
-    flat: list[Any],
-    point_in_time: bool,
-    version: str,
-    node_by_node: bool = False,
-) -> Snapshot:
-    return Snapshot(task_id, flat, now_ms, point_in_time, version, node_by_node)
 
 
 def _tag(task_id: str) -> bytes:
