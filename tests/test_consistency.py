@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from cfn_checkpoint import CheckpointManager, KeyLayout
+import redis
+
+from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
+from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
 from conftest import redis_client
 
@@ -105,3 +108,32 @@ def test_large_database_path_scans_from_the_client_and_stays_exact(
     manager.runtime.delete_task("t")
     manager.recover_from_checkpoint("t")
     assert task_state(client, prefix) == before
+
+
+def _scan_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_scan", {})
+    return int(stats.get("calls", 0))
+
+
+def test_a_new_task_is_sized_from_a_sample_not_by_listing_the_database() -> None:
+    """A task's first capture, on a database above ``scan_in_script_max_keys``, estimates
+    the task's size from one SCAN page. A task holding most of the database is then
+    found and read by one script (no listing); a small one is listed from the client
+    first. Both read every key, point in time."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:  # its own server: SCAN calls are counted server-wide
+        client = redis.Redis.from_url(server.url)
+        try:
+            runtime = RedisRuntime(client, scan_count=100, scan_in_script_max_keys=100)
+            client.mset({layout.key("agent", "big", f"k{i}"): b"v" for i in range(2_000)})
+            client.mset({layout.key("queue", "small", f"k{i}"): b"v" for i in range(20)})
+            client.mset({f"other:{i}": b"x" for i in range(200)})
+            for task, keys, listed in (("big", 2_000, False), ("small", 20, True)):
+                before = _scan_calls(client)
+                snapshot = runtime.capture(task)
+                calls = _scan_calls(client) - before
+                assert len(snapshot.replies) == keys and snapshot.point_in_time
+                # The sample and the script's own scan; a listing takes 100 keys a call.
+                assert (calls > 3) is listed, (task, calls)
+        finally:
+            client.close()

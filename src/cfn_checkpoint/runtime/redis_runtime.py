@@ -52,6 +52,9 @@ _SLOT_ATTEMPTS = 10
 #: larger pages only save calls (a client SCAN pages by ``scan_count``, not to hold
 #: Redis up).
 _SCRIPT_SCAN_COUNT = 10_000
+#: Keys one SCAN page returns when estimating the share of a database a task not seen
+#: before holds (about 1 ms here, against about 1 us a key to list the whole database).
+_SAMPLE_KEYS = 1_000
 #: Script calls sent in one pipeline when a task's keys spread over many slots.
 _PIPELINE_CALLS = 1000
 
@@ -168,8 +171,9 @@ class RedisRuntime:
         """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
 
         While the database holds at most ``scan_in_script_max_keys`` keys, or at most
-        twice the ``expected_keys`` the task is thought to have (its last checkpoint:
-        then the scan costs no more than the read that blocks Redis anyway), one Lua
+        twice the ``expected_keys`` the task is thought to have (its last checkpoint, or
+        for a task never checkpointed, an estimate from one page of SCAN: then the scan
+        costs no more than the read that blocks Redis anyway), one Lua
         script finds the keys (SCAN) and reads them: a true point-in-time read, even
         with writers creating keys meanwhile. On larger databases the keys are found
         with SCAN from the client, read in one script, and a second SCAN checks that
@@ -186,15 +190,18 @@ class RedisRuntime:
         """
         version = self.version()
         scanned = False
-        if (
-            not self.cluster
-            and self._small_database(expected_keys)
-            and expected_keys <= atomic_max_keys
-        ):
-            scanned = True
-            found = self._scan_read(task_id, atomic_max_keys)
-            if found is not None:
-                return Snapshot(task_id, found[1], found[0], True, version)
+        if not self.cluster and expected_keys <= atomic_max_keys:
+            size = self.dbsize()
+            estimate = expected_keys
+            if not estimate and not self._scan_is_cheap(size, 0):
+                # A task not checkpointed before: its size is estimated from a sample
+                # rather than learnt by listing the whole database.
+                estimate = self._sampled_task_keys(task_id, size)
+            if estimate <= atomic_max_keys and self._scan_is_cheap(size, estimate):
+                scanned = True
+                found = self._scan_read(task_id, atomic_max_keys)
+                if found is not None:
+                    return Snapshot(task_id, found[1], found[0], True, version)
         keys = self.task_keys(task_id)
         if (
             not self.cluster
@@ -443,12 +450,27 @@ class RedisRuntime:
                 return int(self.client.dbsize(target_nodes=RedisCluster.PRIMARIES))
             return int(self.client.dbsize())
 
-    def _small_database(self, task_keys: int = 0) -> bool:
-        """Whether a SCAN inside a script is cheap enough: the database is small, or not
-        much larger than the task (whose keys the script blocks Redis to read anyway)."""
-        with redis_errors("counting keys"):
-            size = int(self.client.dbsize())
+    def _scan_is_cheap(self, size: int, task_keys: int) -> bool:
+        """Whether a SCAN inside a script is cheap enough: the database (``size`` keys) is
+        small, or not much larger than the task (whose keys the script blocks Redis to
+        read anyway)."""
         return size <= max(self.scan_in_script_max_keys, 2 * task_keys)
+
+    def _small_database(self, task_keys: int = 0) -> bool:
+        """:meth:`_scan_is_cheap` for the database's size now."""
+        return self._scan_is_cheap(self.dbsize(), task_keys)
+
+    def _sampled_task_keys(self, task_id: str, size: int) -> int:
+        """``task_id``'s keys estimated from a sample: its share of the keys on the first
+        page of an unfiltered SCAN (spread over the hash table, so over the keyspace),
+        times the database's ``size``. A wrong guess costs time, never exactness: the
+        in-script scan finds every key whatever the estimate."""
+        prefixes = self.layout.task_prefixes(task_id)
+        with redis_errors(f"sampling the keys of task {task_id}"):
+            page: list[bytes] = list(self.client.scan(0, count=_SAMPLE_KEYS)[1])  # type: ignore[arg-type]
+        if not page:
+            return 0
+        return size * sum(key.startswith(prefixes) for key in page) // len(page)
 
     def plan_ttls(
         self,
