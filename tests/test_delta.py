@@ -8,11 +8,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import msgpack
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfn_checkpoint import CheckpointManager, KeyLayout, image
+from cfn_checkpoint import CheckpointManager, KeyLayout, codec, image
+from cfn_checkpoint.errors import CorruptCheckpointError
 
 from conftest import task_state, wipe
 from strategies import task_states, write_state
@@ -140,3 +143,30 @@ def test_keyframe_chunks_are_cut_where_a_row_by_row_walk_cuts(sizes: list[int], 
     if chunk:
         expected.append(chunk)
     assert list(image._chunks(keys, rows)) == expected
+
+
+def _base(*rows: bytes) -> codec.Payload:
+    raw = b"".join(rows)
+    return codec.Payload("base", codec.digest_of(raw), raw)
+
+
+def test_decoding_checks_each_row_and_puts_keys_in_order() -> None:
+    """Keyframe chunks hold their keys in order; chunks listed out of order still decode
+    to the same state, and a row that is not ``[key (bytes), 4 items]`` is refused."""
+    rows = [
+        msgpack.packb([b"k%d" % i, b"string", b"v%d" % i, False, False], use_bin_type=False)
+        for i in range(4)
+    ]
+    ttl = codec.make_payload("ttl", [1_000, []])
+    in_order = image.decode_image([_base(rows[0], rows[1]), _base(rows[2], rows[3]), ttl])
+    swapped = image.decode_image([_base(rows[2], rows[3]), _base(rows[0], rows[1]), ttl])
+    assert [e.key for e in in_order.entries] == [b"k0", b"k1", b"k2", b"k3"]
+    assert swapped.entries == in_order.entries
+    assert swapped.runtime_hash == in_order.runtime_hash
+    for bad in (
+        msgpack.packb(7),
+        msgpack.packb([b"k", b"string", b"v", False]),
+        msgpack.packb([7, b"string", b"v", False, False]),
+    ):
+        with pytest.raises(CorruptCheckpointError, match="malformed row"):
+            image.decode_image([_base(rows[0], bad), ttl])

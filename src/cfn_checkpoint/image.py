@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import itemgetter, lt
 from typing import Any, NamedTuple
 
 import msgpack
@@ -335,26 +335,37 @@ def _raw_payload(kind: str, raw: bytes) -> Payload:
 
 def _rows(
     digest: str, raw: bytes, first_is_header: bool = False
-) -> tuple[object, list[tuple[list[Any], bytes]]]:
-    """The objects of a msgpack stream with the digest of each row's bytes."""
+) -> tuple[object, list[Any], list[bytes], list[bytes]]:
+    """The objects of a msgpack stream of rows: ``(header, rows, their keys, the SHA-1 in
+    hex of each row's bytes)``. Raises if a row is not ``[key (bytes), 4 more items]``."""
     unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, use_list=True)
     unpacker.feed(raw)
     header: object = None
-    rows: list[tuple[list[Any], bytes]] = []
-    append, tell, view = rows.append, unpacker.tell, memoryview(raw)
+    objs: list[Any] = []
+    ends: list[int] = []
+    append, end, tell, view = objs.append, ends.append, unpacker.tell, memoryview(raw)
     sha1, hexlify = hashlib.sha1, binascii.hexlify
-    start = 0
     try:
         if first_is_header:
             header = unpacker.unpack()
-            start = tell()
+        start = tell()
         for obj in unpacker:
-            end = tell()
-            append((obj, hexlify(sha1(view[start:end]).digest())))
-            start = end
+            append(obj)
+            end(tell())
     except Exception as exc:  # msgpack raises several unrelated types
         raise CorruptCheckpointError(f"payload {digest[:12]} cannot be decoded: {exc}") from exc
-    return header, rows
+    # Checked a column at a time: a Python call per row costs more than the checks.
+    if set(map(type, objs)) - {list} or set(map(len, objs)) - {5}:
+        raise CorruptCheckpointError(f"payload {digest[:12]} holds a malformed row")
+    keys = list(map(_first, objs))
+    if set(map(type, keys)) - {bytes}:
+        raise CorruptCheckpointError(f"payload {digest[:12]} holds a malformed row")
+    starts = [start, *ends[:-1]] if ends else []
+    digests = [hexlify(sha1(view[a:b]).digest()) for a, b in zip(starts, ends, strict=True)]
+    return header, objs, keys, digests
+
+
+_first = itemgetter(0)
 
 
 def _unpack_ttl(digest: str, raw: bytes) -> tuple[int, dict[bytes, int | None]]:
@@ -386,10 +397,14 @@ def _decode_image(payloads: Sequence[Payload]) -> DecodedImage:
     by_kind: dict[str, list[Payload]] = {}
     for p in payloads:
         by_kind.setdefault(p.kind, []).append(p)
-    rows: dict[bytes, tuple[list[Any], bytes]] = {}
+    objs: list[Any] = []
+    keys: list[bytes] = []
+    digests: list[bytes] = []
     for chunk in by_kind.get("base", []):
-        for obj, digest in _rows(chunk.digest, chunk.raw)[1]:
-            rows[_key_of(obj, chunk.digest)] = (obj, digest)
+        _, chunk_objs, chunk_keys, chunk_digests = _rows(chunk.digest, chunk.raw)
+        objs += chunk_objs
+        keys += chunk_keys
+        digests += chunk_digests
     try:
         (ttl,) = by_kind["ttl"]
         delta_list = by_kind.get("delta", [])
@@ -400,17 +415,20 @@ def _decode_image(payloads: Sequence[Payload]) -> DecodedImage:
         raise CorruptCheckpointError(f"malformed runtime manifest: {exc}") from exc
     captured_at, own = _unpack_ttl(ttl.digest, ttl.raw)
     if delta_list:
-        base_index = {k: d for k, (_, d) in rows.items()}
+        rows = dict(zip(keys, zip(objs, digests, strict=True), strict=True))
+        base_index = dict(zip(keys, digests, strict=True))
         _, base_expiry = _unpack_ttl(basettl_list[0].digest, basettl_list[0].raw)
         expiries = dict(base_expiry)
-        header, changed = _rows(delta_list[0].digest, delta_list[0].raw, first_is_header=True)
+        delta = delta_list[0]
+        header, changed, changed_keys, changed_digests = _rows(
+            delta.digest, delta.raw, first_is_header=True
+        )
         if not isinstance(header, list):
-            raise CorruptCheckpointError(f"payload {delta_list[0].digest[:12]} is malformed")
+            raise CorruptCheckpointError(f"payload {delta.digest[:12]} is malformed")
         for key in header:
             rows.pop(bytes(key), None)
             expiries.pop(bytes(key), None)
-        for obj, digest in changed:
-            key = _key_of(obj, delta_list[0].digest)
+        for key, obj, digest in zip(changed_keys, changed, changed_digests, strict=True):
             rows[key] = (obj, digest)
             expiries.pop(key, None)
         expiries.update(own)
@@ -419,33 +437,41 @@ def _decode_image(payloads: Sequence[Payload]) -> DecodedImage:
             basettl_list[0].digest,
             {k: (d, base_expiry.get(k)) for k, d in base_index.items()},
         )
+        keys, objs, digests = _sorted_rows(rows)
     else:
         expiries = own
         # A keyframe's index is its own state: filled in below, as ``current``.
         frame = Keyframe([p.digest for p in by_kind.get("base", [])], ttl.digest)
+        if not all(map(lt, keys, keys[1:])):  # chunks hold keys in order: never, unless
+            keys, objs, digests = _sorted_rows(  # damaged (a key twice: the last wins)
+                dict(zip(keys, zip(objs, digests, strict=True), strict=True))
+            )
+    instants = list(map(expiries.get, keys))
     entries: list[RuntimeEntry] = []
-    digests: list[bytes] = []
-    current: dict[bytes, tuple[bytes, int | None]] = {}
     append, simple, new = entries.append, _SIMPLE, tuple.__new__
-    for key, (obj, digest) in sorted(rows.items()):
-        expiry = expiries.get(key)
+    for key, obj, expiry in zip(keys, objs, instants, strict=True):
         kind = simple.get(obj[1]) if obj[4] is False else None
         if kind is not None and obj[3] is (expiry is not None):  # most keys: the fast path
             pttl = None if expiry is None else expiry - captured_at
             append(new(RuntimeEntry, (key, kind, obj[2], pttl, None)))
         else:
             append(entry_of(obj, None if expiry is None else expiry - captured_at))
-        digests.append(digest)
-        current[key] = (digest, expiry)
+    current = dict(zip(keys, zip(digests, instants, strict=True), strict=True))
     if not delta_list:
         frame.index = current
     return DecodedImage(entries, captured_at, runtime_hash(digests), frame, current)
 
 
-def _key_of(obj: object, digest: str) -> bytes:
-    if not isinstance(obj, list) or len(obj) != 5 or not isinstance(obj[0], bytes):
-        raise CorruptCheckpointError(f"payload {digest[:12]} holds a malformed row")
-    return obj[0]
+def _sorted_rows(
+    rows: dict[bytes, tuple[Any, bytes]],
+) -> tuple[list[bytes], list[Any], list[bytes]]:
+    """``key -> (row, digest)`` as three lists in key order."""
+    ordered = sorted(rows.items())
+    return (
+        [key for key, _ in ordered],
+        [row for _, (row, _) in ordered],
+        [digest for _, (_, digest) in ordered],
+    )
 
 
 _TYPES_RAW = {t.value.encode(): t for t in RedisType}
