@@ -590,22 +590,26 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 _TYPE_NAMES = {t: t.value for t in RedisType}
 
 
-def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[list[Any]]:
-    """RESTORE's ``[type, pttl, items]`` of each write (strings, most keys, inline)."""
-    string = RedisType.STRING
-    return [
-        ["string", pttl, [e.value]] if e.type is string else [_TYPE_NAMES[e.type], pttl, _items(e)]
-        for e, pttl in writes
-    ]
+def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[Any]:
+    """RESTORE's flat specs: ``type, pttl, value`` for a string or a DUMP payload (most
+    keys, inline), ``type, pttl, n, item1 .. itemN`` for the other types."""
+    out: list[Any] = []
+    add, one_item = out.extend, _ONE_ITEM
+    for e, pttl in writes:
+        if e.type in one_item:
+            add((one_item[e.type], pttl, e.value))
+        else:
+            items = _items(e)
+            add((_TYPE_NAMES[e.type], pttl, len(items)))
+            add(items)
+    return out
 
 
-_ONE_ITEM = (RedisType.STRING, RedisType.DUMP)
+_ONE_ITEM = {RedisType.STRING: "string", RedisType.DUMP: "dump"}
 
 
 def _items(entry: RuntimeEntry) -> list[bytes]:
     kind = entry.type
-    if kind in _ONE_ITEM:
-        return [entry.value]
     if kind is RedisType.LIST or kind is RedisType.SET:
         return list(entry.value)
     if kind is RedisType.HASH:

@@ -229,12 +229,13 @@ return out
 
 #: Replace a task's keys atomically.
 #: KEYS: first the keys to delete (``ndelete`` of them), then the keys to write.
-#: ARGV: ``ndelete, specs, [how, ...]``. ``specs`` is one
-#: msgpack array (bytes as raw strings), one ``[type, pttl, items]`` per key to write, in
-#: KEYS order: type is string|list|hash|set|zset|dump, pttl the TTL to set in ms (<= 0:
-#: none), and items the value (string, dump), the elements (list, set), field, value, ...
-#: (hash) or score, member, ... (zset). One blob instead of an argument per item keeps the
-#: client from building and the server from parsing a huge command. ``how`` makes sure no
+#: ARGV: ``ndelete, specs, [how, ...]``. ``specs`` is one flat
+#: msgpack array (bytes as raw strings), for each key to write in KEYS order ``type, pttl,
+#: value`` (type string or dump) or ``type, pttl, n, item1 .. itemN`` (list, set: the
+#: elements; hash: field, value, ...; zset: score, member, ...); pttl is the TTL to set in
+#: ms (<= 0: none). One blob instead of an argument per item keeps the client from
+#: building and the server from parsing a huge command; flat, it makes no table per key
+#: on either side. ``how`` makes sure no
 #: key created since the caller listed the task's keys survives:
 #:
 #: * ``scan, pattern, scan_count, prefix1, prefix2, ...`` (one server): every key of the
@@ -278,32 +279,35 @@ if ARGV[3] == 'scan' then
   end
 end
 local commands = {list = 'RPUSH', set = 'SADD', hash = 'HSET', zset = 'ZADD'}
+local s = 1
 for i = ndel + 1, #KEYS do
   local key = KEYS[i]
-  local spec = specs[i - ndel]
-  local ty, pttl, items = spec[1], spec[2], spec[3]
+  local ty, pttl = specs[s], specs[s + 1]
   -- SET and RESTORE ... REPLACE replace the key whole, its TTL included.
   if ty == 'string' then
     if pttl > 0 then
-      redis.call('SET', key, items[1], 'PX', pttl)
+      redis.call('SET', key, specs[s + 2], 'PX', pttl)
     else
-      redis.call('SET', key, items[1])
+      redis.call('SET', key, specs[s + 2])
     end
+    s = s + 3
   elseif ty == 'dump' then
-    redis.call('RESTORE', key, math.max(pttl, 0), items[1], 'REPLACE')
+    redis.call('RESTORE', key, math.max(pttl, 0), specs[s + 2], 'REPLACE')
+    s = s + 3
   else
     redis.call('DEL', key)
     local cmd = commands[ty]
-    local j = 1
-    local last = #items
+    local j = s + 3
+    local last = s + 2 + specs[s + 2]
     while j <= last do
       local k = math.min(j + 999, last)
-      redis.call(cmd, key, unpack(items, j, k))
+      redis.call(cmd, key, unpack(specs, j, k))
       j = k + 1
     end
     if pttl > 0 then
       redis.call('PEXPIRE', key, pttl)
     end
+    s = last + 1
   end
 end
 return {#KEYS - ndel, removed}
