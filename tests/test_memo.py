@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import gc
+import sqlite3
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-from cfn_checkpoint import CheckpointConfig, CheckpointManager, KeyLayout
+import pytest
+import redis
+
+from cfn_checkpoint import CheckpointConfig, CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.image import Snapshot, gc_paused
 from cfn_checkpoint.memo import CaptureMemo, estimate
 
@@ -101,3 +108,46 @@ def test_collector_pauses_overlap_and_restore_what_was_there() -> None:
         assert not gc.isenabled()  # the caller's choice is kept
     finally:
         gc.enable()
+
+
+def test_a_section_that_raises_turns_the_collector_back_on() -> None:
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("boom")
+    assert gc.isenabled()
+
+
+def test_the_collector_runs_while_a_create_or_a_recovery_waits_on_the_store(
+    tmp_path: Path,
+) -> None:
+    """The pause is process-wide, so it must not last while a call waits on the store:
+    here another connection holds SQLite's write lock while a create, then a recovery,
+    waits for it, and the collector must be on nearly all that time."""
+    layout = KeyLayout()
+    path = tmp_path / "cp.db"
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.mset({layout.key("agent", "t", f"k{i}"): b"x" * 50 for i in range(300)})
+            with CheckpointManager.open(server.url, f"sqlite:///{path}") as manager:
+                first = manager.create_checkpoint("t")
+                client.set(layout.key("agent", "t", "k1"), b"changed")
+                blocker = sqlite3.connect(path, isolation_level=None)
+                calls: list[Callable[[], object]] = [
+                    lambda: manager.create_checkpoint("t"),
+                    lambda: manager.recover_from_checkpoint("t", first.checkpoint_id),
+                ]
+                for call in calls:
+                    blocker.execute("BEGIN IMMEDIATE")
+                    worker = threading.Thread(target=call)
+                    worker.start()
+                    samples = []
+                    for _ in range(100):  # a second, while the call cannot finish
+                        samples.append(gc.isenabled())
+                        time.sleep(0.01)
+                    assert worker.is_alive()  # still waiting for the write lock
+                    blocker.execute("COMMIT")
+                    worker.join()
+                    assert samples.count(False) <= 10, samples.count(False)
+                blocker.close()
+        finally:
+            client.close()

@@ -176,6 +176,10 @@ class Snapshot:
             self._packed = packed_rows(self.replies, self.captured_at_ms)
         return self._packed
 
+    def drop_replies(self) -> None:
+        """Free the per-key tuples of :attr:`replies` (made again if asked for)."""
+        self._replies = None
+
     @property
     def row_bytes(self) -> int:
         """Bytes of all rows."""

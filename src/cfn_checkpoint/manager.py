@@ -20,9 +20,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
-from .codec import compress, decode_tables, decompress_verified, encode_tables, state_hashes
+from .codec import (
+    Payload,
+    compress,
+    decode_tables,
+    decompress_verified,
+    encode_tables,
+    state_hashes,
+)
 from .config import durable_url_from_env, redis_url_from_env
 from .contents import CheckpointContents, verify_contents
 from .diff import RecoveryPlan, StateDiff, diff_keys, diff_rows, diff_states, ttl_moves
@@ -53,6 +60,7 @@ from .model import (
     CheckpointMetadata,
     CheckpointStatus,
     CheckpointTrigger,
+    DurableSnapshot,
     RecoveryResult,
     RuntimeEntry,
     TableRows,
@@ -133,6 +141,16 @@ class _KnownState:
     """What the next checkpoint of a task is compared with and stored against."""
 
     checkpoint_id: str
+    keyframe: Keyframe
+    current: dict[bytes, tuple[bytes, int | None]]
+
+
+class _Plan(NamedTuple):
+    """A checkpoint to store: its row, its payloads (``(kind, digest, payload or None)``:
+    None for one the keyframe already stored) and what the next one compares with."""
+
+    meta: CheckpointMetadata
+    parts: list[tuple[str, str, Payload | None]]
     keyframe: Keyframe
     current: dict[bytes, tuple[bytes, int | None]]
 
@@ -328,24 +346,6 @@ class CheckpointManager:
                 )
                 lock.check()
                 return create_streamed(self, draft, keys, newest)
-        with gc_paused():
-            # The capture's objects (a few per key) are freed inside the pause, so the
-            # collector never walks them: 80 ms of a 1.08 s create at 100,000 keys.
-            return self._create_in_memory(
-                task_id, trigger, extra, lock, checkpoint_id, started, newest
-            )
-
-    def _create_in_memory(
-        self,
-        task_id: str,
-        trigger: CheckpointTrigger,
-        extra: dict[str, Any],
-        lock: TaskLock,
-        checkpoint_id: str,
-        started: datetime,
-        newest: CheckpointMetadata | None,
-    ) -> CheckpointMetadata:
-        cfg = self.config
         known = self._known_state(task_id, newest)
         snapshot = self._capture(task_id, newest)
         durable = self.store.read_durable(task_id)
@@ -366,6 +366,69 @@ class CheckpointManager:
                 f"{newest.key_count}): not checkpointing over them; recover the task, or "
                 "take a manual checkpoint if the loss is intended"
             )
+        with gc_paused():
+            # Rows, digests and payloads are made (a few objects a key) with the collector
+            # paused, and what is not kept is freed before it resumes: otherwise each
+            # collection walks them all (70-80 ms of a 1.08 s create at 100,000 keys). The
+            # pause ends before the store is written: it is process-wide, and a commit
+            # can wait on another writer for seconds.
+            planned = self._plan(
+                task_id, trigger, extra, (checkpoint_id, started), newest, known, snapshot, durable
+            )
+        if isinstance(planned, CheckpointMetadata):
+            return planned  # unchanged, and intact
+        meta, parts, keyframe, current = planned
+        manifest = [(kind, digest) for kind, digest, _ in parts]
+        # Payloads this manager wrote or verified are not compressed again (the store
+        # has them); if one has gone meanwhile the commit fails rather than guess.
+        level = cfg.compression_level
+
+        def commit() -> CheckpointMetadata:
+            blobs = {
+                digest: (len(p.raw), compress(p.raw, level))
+                for _, digest, p in parts
+                if p is not None and digest not in self._verified
+            }
+            return self.store.commit_checkpoint(
+                meta,
+                manifest,
+                blobs,
+                unless_same=newest is None or newest.state_hash != meta.state_hash,
+                trusted=self._verified,
+            )
+
+        lock.check()
+        try:
+            try:
+                done = commit()
+            except CorruptCheckpointError:
+                # A payload trusted here was removed since (a cleanup, by this manager or
+                # another worker): trust none of this checkpoint's, send what we hold.
+                for _, digest in manifest:
+                    self._verified.pop(digest, None)
+                done = commit()
+        except CheckpointError as exc:
+            self._record_failure(meta, exc)
+            raise
+        self._trust(d for _, d in manifest)
+        self._remember(task_id, _KnownState(done.checkpoint_id, keyframe, current))
+        if done.checkpoint_id == meta.checkpoint_id:
+            self._memo.keep(task_id, done.checkpoint_id, snapshot)
+        return done
+
+    def _plan(
+        self,
+        task_id: str,
+        trigger: CheckpointTrigger,
+        extra: dict[str, Any],
+        named: tuple[str, datetime],
+        newest: CheckpointMetadata | None,
+        known: _KnownState | None,
+        snapshot: Snapshot,
+        durable: DurableSnapshot,
+    ) -> CheckpointMetadata | _Plan:
+        """The newest checkpoint if nothing changed since it, else what to store."""
+        checkpoint_id, started = named
         durable_payload = encode_tables("durable", durable.tables)
         skills_payload = encode_tables("skills", {SKILL_TABLE: durable.skills})
         if (
@@ -379,7 +442,7 @@ class CheckpointManager:
                 newest.runtime_state_hash, durable_payload.digest, skills_payload.digest
             )
             if same[0] == newest.state_hash:
-                return newest  # unchanged, and intact
+                return newest
         image = RuntimeImage.of(snapshot)
         runtime_hash = image.runtime_hash()
         state_hash, durable_hash = state_hashes(
@@ -392,7 +455,7 @@ class CheckpointManager:
             and not expiries_moved(known.current, image)
         ):
             self._memo.keep(task_id, newest.checkpoint_id, snapshot)
-            return newest  # unchanged (TTLs ticking down do not count), and intact
+            return newest  # TTLs ticking down do not count as change
         runtime = delta_payloads(image, known.keyframe) if known is not None else []
         keyframe = known.keyframe if runtime and known is not None else None
         if keyframe is None:
@@ -412,49 +475,14 @@ class CheckpointManager:
             created_at=started,
             completed_at=utcnow(),
             metadata={**extra, **_capture_note(snapshot.node_by_node)},
-            key_count=len(snapshot.replies),
+            key_count=len(snapshot.packed.keys),
             row_count=durable.row_count,
             raw_bytes=snapshot.row_bytes + len(durable_payload.raw) + len(skills_payload.raw),
             point_in_time=snapshot.point_in_time,
             redis_version=snapshot.redis_version,
         )
-        manifest = [(kind, digest) for kind, digest, _ in parts]
-        # Payloads this manager wrote or verified are not compressed again (the store
-        # has them); if one has gone meanwhile the commit fails rather than guess.
-        level = cfg.compression_level
-
-        def commit() -> CheckpointMetadata:
-            blobs = {
-                digest: (len(p.raw), compress(p.raw, level))
-                for _, digest, p in parts
-                if p is not None and digest not in self._verified
-            }
-            return self.store.commit_checkpoint(
-                meta,
-                manifest,
-                blobs,
-                unless_same=newest is None or newest.state_hash != state_hash,
-                trusted=self._verified,
-            )
-
-        lock.check()
-        try:
-            try:
-                done = commit()
-            except CorruptCheckpointError:
-                # A payload trusted here was removed since (a cleanup, by this manager or
-                # another worker): trust none of this checkpoint's, send what we hold.
-                for _, digest in manifest:
-                    self._verified.pop(digest, None)
-                done = commit()
-        except CheckpointError as exc:
-            self._record_failure(meta, exc)
-            raise
-        self._trust(d for _, d in manifest)
-        self._remember(task_id, _KnownState(done.checkpoint_id, keyframe, image.index()))
-        if done.checkpoint_id == meta.checkpoint_id:
-            self._memo.keep(task_id, done.checkpoint_id, snapshot)
-        return done
+        snapshot.drop_replies()  # the packed rows replace them
+        return _Plan(meta, parts, keyframe, image.index())
 
     def _capture(self, task_id: str, newest: CheckpointMetadata | None) -> Snapshot:
         cfg = self.config
@@ -770,14 +798,7 @@ class CheckpointManager:
         if not (restore_runtime or restore_durable):
             raise ValidationError("nothing to recover: both runtime and durable tiers are off")
         with self._task_lock(task_id):
-            with gc_paused():
-                loaded, notes = self._choose(task_id, checkpoint_id, streamed=True)
-                if not isinstance(loaded, _Streamed):
-                    result = self._restore(loaded, notes, restore_runtime, restore_durable)
-                    # Freed while the collector is paused: a collection after the pause
-                    # then has next to nothing to walk (about 6 ms at 10,000 keys).
-                    del loaded
-                    return result
+            loaded, notes = self._choose(task_id, checkpoint_id, streamed=True)
             return self._restore(loaded, notes, restore_runtime, restore_durable)
 
     def _choose(
