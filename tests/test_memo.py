@@ -24,8 +24,14 @@ def _snapshot(value: bytes, expiry: int = -1) -> Snapshot:
 
 def test_a_capture_matches_only_its_checkpoint_and_an_equal_read() -> None:
     memo = CaptureMemo(1 << 20)
-    memo.keep("t", "cp1", _snapshot(b"v"))
-    assert memo.matches("t", "cp1", _snapshot(b"v"))
+    kept = _snapshot(b"v")
+    memo.keep("t", "cp1", kept)
+    again = _snapshot(b"v")
+    assert memo.matches("t", "cp1", again)
+    assert again.flat is kept.flat  # the new, equal reply is let go at once
+    other = _snapshot(b"w")
+    own = other.flat
+    assert not memo.matches("t", "cp1", other) and other.flat is own
     assert not memo.matches("t", "cp2", _snapshot(b"v"))  # a newer checkpoint
     assert not memo.matches("t", "cp1", _snapshot(b"w"))  # another value
     assert not memo.matches("t", "cp1", _snapshot(b"v", expiry=5_000))  # a TTL set

@@ -45,13 +45,21 @@ class CaptureMemo:
         return self._size
 
     def matches(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> bool:
-        """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``."""
+        """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``.
+
+        If it does, ``snapshot`` takes the kept reply in place of its own (equal), so
+        its own is freed at once: a large reply left alive would cost the cyclic
+        collector a walk over all its objects.
+        """
         with self._lock:
             kept = self._kept.get(task_id)
             if kept is None or kept.checkpoint_id != checkpoint_id:
                 return False
             self._kept.move_to_end(task_id)
-        return kept.flat == snapshot.flat
+        if kept.flat != snapshot.flat:
+            return False
+        snapshot.flat = kept.flat
+        return True
 
     def keep(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` as what ``checkpoint_id``'s runtime state reads as."""
