@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .codec import Payload, decode_tables, decompress_verified, state_hashes
 from .durable.schema import SKILL_TABLE
 from .errors import CorruptCheckpointError
-from .image import Keyframe, decode_image
+from .image import Keyframe, KeyIndex, decode_image
 from .model import FORMAT_VERSION, CheckpointMetadata, RuntimeEntry, TableRows
 
 #: Payload kinds that hold runtime keys.
@@ -27,8 +27,8 @@ class CheckpointContents:
     skills: TableRows
     #: The keyframe the runtime keys are stored against (itself, for a keyframe).
     keyframe: Keyframe
-    #: ``key -> (row digest, expiry instant)`` of this checkpoint's runtime keys.
-    current: dict[bytes, tuple[bytes, int | None]]
+    #: Each runtime key's row digest and expiry instant in this checkpoint.
+    current: KeyIndex
 
 
 def verify_contents(

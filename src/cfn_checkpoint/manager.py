@@ -45,6 +45,7 @@ from .errors import (
 )
 from .image import (
     Keyframe,
+    KeyIndex,
     RuntimeImage,
     Snapshot,
     delta_payloads,
@@ -142,7 +143,7 @@ class _KnownState:
 
     checkpoint_id: str
     keyframe: Keyframe
-    current: dict[bytes, tuple[bytes, int | None]]
+    current: KeyIndex
 
 
 class _Plan(NamedTuple):
@@ -152,7 +153,7 @@ class _Plan(NamedTuple):
     meta: CheckpointMetadata
     parts: list[tuple[str, str, Payload | None]]
     keyframe: Keyframe
-    current: dict[bytes, tuple[bytes, int | None]]
+    current: KeyIndex
 
 
 class CheckpointManager:
