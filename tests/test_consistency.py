@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import redis
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
+from cfn_checkpoint.errors import StoreUnavailableError
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
 from conftest import redis_client
@@ -137,3 +139,26 @@ def test_a_new_task_is_sized_from_a_sample_not_by_listing_the_database() -> None
                 assert (calls > 3) is listed, (task, calls)
         finally:
             client.close()
+
+
+def test_a_user_without_scan_gets_one_line_naming_the_sample() -> None:
+    """Sizing a new task needs SCAN: a Redis user denied it gets a clear error, and the
+    task's keys are left as they were."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "noscan", "on", ">pw", "~*", "+@all", "-scan")
+        admin.mset({f"other:{i}": b"x" for i in range(200)})
+        admin.mset({layout.key("agent", "t", f"k{i}"): b"v" for i in range(50)})
+        limited = redis.Redis.from_url(server.url, username="noscan", password="pw")
+        try:
+            runtime = RedisRuntime(limited, scan_in_script_max_keys=100)
+            with pytest.raises(StoreUnavailableError) as caught:
+                runtime.capture("t")
+            message = str(caught.value)
+            assert "sampling the keys of task t" in message and "'scan'" in message
+            assert "\n" not in message
+            assert admin.dbsize() == 250
+        finally:
+            limited.close()
+            admin.close()
