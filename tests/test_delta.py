@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import zlib
+from binascii import hexlify
 from collections.abc import Callable
 from datetime import timedelta
+from hashlib import sha1
 from typing import Any
 
 import msgpack
@@ -163,6 +166,12 @@ def test_decoding_checks_each_row_and_puts_keys_in_order() -> None:
     assert [e.key for e in in_order.entries] == [b"k0", b"k1", b"k2", b"k3"]
     assert swapped.entries == in_order.entries
     assert swapped.runtime_hash == in_order.runtime_hash
+    # The key index reads as key -> (row digest, expiry), and holds no tuple per key
+    # (its dicts are never tracked by the cyclic collector).
+    index = in_order.current
+    assert list(index) == [b"k0", b"k1", b"k2", b"k3"] and b"k9" not in index
+    assert index[b"k0"] == (hexlify(sha1(rows[0]).digest()), None)
+    assert not gc.is_tracked(index.digests) and not gc.is_tracked(index.expiries)
     for bad in (
         msgpack.packb(7),
         msgpack.packb([b"k", b"string", b"v", False]),

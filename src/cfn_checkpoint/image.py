@@ -29,7 +29,7 @@ import gc
 import hashlib
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter, lt
@@ -228,12 +228,13 @@ class RuntimeImage:
 
 
 @dataclass(slots=True)
-class KeyIndex:
-    """Each key's row digest and expiry instant (ms since the epoch; None: no TTL).
+class KeyIndex(Mapping[bytes, tuple[bytes, int | None]]):
+    """Each key's row digest and expiry instant (ms since the epoch; None: no TTL), read
+    as a mapping ``key -> (digest, expiry)``.
 
-    Two dicts of plain values rather than one of ``(digest, expiry)`` tuples: the
-    cyclic collector never walks a dict that holds only bytes, ints and None, and a
-    tuple per key would be walked (10,000 of them cost it about 1 ms).
+    Kept as two dicts of plain values rather than one of tuples: the cyclic collector
+    never walks a dict that holds only bytes, ints and None, and a tuple per key would
+    be walked (10,000 of them cost it about 1 ms).
     """
 
     digests: dict[bytes, bytes] = field(default_factory=dict)
@@ -247,6 +248,15 @@ class KeyIndex:
 
     def __len__(self) -> int:
         return len(self.digests)
+
+    def __getitem__(self, key: bytes) -> tuple[bytes, int | None]:
+        return self.digests[key], self.expiries[key]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.digests)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.digests
 
 
 @dataclass(slots=True)

@@ -351,7 +351,7 @@ class CheckpointManager:
         with gc_paused():
             # An unchanged reply is swapped for the equal one kept before the collector
             # resumes (and would walk it: 15-20 ms at 100,000 keys). Only Redis is
-            # waited on meanwhile, within its command timeout.
+            # waited on meanwhile: a few calls, each bounded by the command timeout.
             snapshot = self._capture(task_id, newest)
             unchanged = (
                 newest is not None
