@@ -609,18 +609,18 @@ def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[Any]:
     """RESTORE's flat specs: ``type, pttl, value`` for a string or a DUMP payload (most
     keys, inline), ``type, pttl, n, item1 .. itemN`` for the other types."""
     out: list[Any] = []
-    add, one_item = out.extend, _ONE_ITEM
+    add, names, one_item = out.extend, _TYPE_NAMES, _ONE_ITEM
     for e, pttl in writes:
         if e.type in one_item:
-            add((one_item[e.type], pttl, e.value))
+            add((names[e.type], pttl, e.value))
         else:
             items = _items(e)
-            add((_TYPE_NAMES[e.type], pttl, len(items)))
+            add((names[e.type], pttl, len(items)))
             add(items)
     return out
 
 
-_ONE_ITEM = {RedisType.STRING: "string", RedisType.DUMP: "dump"}
+_ONE_ITEM = frozenset((RedisType.STRING, RedisType.DUMP))
 
 
 def _items(entry: RuntimeEntry) -> list[bytes]:
