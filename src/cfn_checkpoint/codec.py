@@ -94,9 +94,15 @@ def decode_tables(digest: str, raw: bytes) -> dict[str, TableRows]:
 # -- hashes ----------------------------------------------------------------------------------
 
 
-def state_hashes(runtime_hash: str, durable_digest: str, skills_digest: str) -> tuple[str, str]:
-    """``(state hash, durable hash)`` of a checkpoint from its runtime hash (see
-    :mod:`cfn_checkpoint.image`) and the names of its durable and skills payloads."""
-    durable_hash = digest_of(_pack(["durable", FORMAT_VERSION, [durable_digest, skills_digest]]))
-    state_hash = digest_of(_pack([FORMAT_VERSION, runtime_hash, durable_hash]))
+def state_hashes(
+    runtime_hash: str,
+    durable_digest: str,
+    skills_digest: str,
+    format_version: int = FORMAT_VERSION,
+) -> tuple[str, str]:
+    """``(state hash, durable hash)`` of a checkpoint in ``format_version`` from its
+    runtime hash (see :mod:`cfn_checkpoint.image`) and the names of its durable and
+    skills payloads."""
+    durable_hash = digest_of(_pack(["durable", format_version, [durable_digest, skills_digest]]))
+    state_hash = digest_of(_pack([format_version, runtime_hash, durable_hash]))
     return state_hash, durable_hash

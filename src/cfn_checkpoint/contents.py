@@ -9,7 +9,7 @@ from .codec import Payload, decode_tables, decompress_verified, state_hashes
 from .durable.schema import SKILL_TABLE
 from .errors import CorruptCheckpointError
 from .image import Keyframe, KeyIndex, decode_image
-from .model import FORMAT_VERSION, CheckpointMetadata, RuntimeEntry, TableRows
+from .model import READABLE_FORMATS, CheckpointMetadata, RuntimeEntry, TableRows
 
 #: Payload kinds that hold runtime keys.
 RUNTIME_KINDS = frozenset({"base", "basettl", "delta", "ttl"})
@@ -56,6 +56,16 @@ def verify_contents(
         raise CorruptCheckpointError(f"{name}: {exc}") from exc
 
 
+def check_format(meta: CheckpointMetadata) -> None:
+    """Raise :class:`CorruptCheckpointError` if this version cannot read ``meta``'s format."""
+    if meta.format_version not in READABLE_FORMATS:
+        readable = " and ".join(map(str, READABLE_FORMATS))
+        raise CorruptCheckpointError(
+            f"checkpoint {meta.checkpoint_id} uses storage format {meta.format_version}; "
+            f"this version reads formats {readable}"
+        )
+
+
 def _verify(
     meta: CheckpointMetadata,
     manifest: Sequence[tuple[str, str]],
@@ -63,11 +73,7 @@ def _verify(
     name: str,
     skills: bool,
 ) -> CheckpointContents:
-    if meta.format_version != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{name} uses storage format {meta.format_version}; this version reads "
-            f"format {FORMAT_VERSION}"
-        )
+    check_format(meta)
     try:
         (durable,) = [d for k, d in manifest if k == "durable"]
         (skill_digest,) = [d for k, d in manifest if k == "skills"]
@@ -80,10 +86,11 @@ def _verify(
     if missing:
         raise CorruptCheckpointError(f"{name} is missing payload {missing[0][:12]}")
     payloads = [Payload(k, d, decompress_verified(d, stored[d])) for k, d in wanted]
-    image = decode_image([p for p in payloads if p.kind in RUNTIME_KINDS])
+    version = meta.format_version
+    image = decode_image([p for p in payloads if p.kind in RUNTIME_KINDS], version)
     if image.runtime_hash != meta.runtime_state_hash:
         raise CorruptCheckpointError(f"{name}: its runtime keys do not match their hash")
-    if state_hashes(image.runtime_hash, durable, skill_digest)[0] != meta.state_hash:
+    if state_hashes(image.runtime_hash, durable, skill_digest, version)[0] != meta.state_hash:
         raise CorruptCheckpointError(f"{name} does not match its state hash")
     if len(image.entries) != meta.key_count:
         raise CorruptCheckpointError(

@@ -56,6 +56,7 @@ from .image import (
 from .layout import KeyLayout, validate_checkpoint_id, validate_task_id
 from .memo import CaptureMemo
 from .model import (
+    FORMAT_VERSION,
     USABLE_STATUSES,
     CheckpointConfig,
     CheckpointMetadata,
@@ -517,9 +518,11 @@ class CheckpointManager:
         From memory when this manager wrote or read it last (its payloads then known
         good); otherwise it is loaded and verified once. ``None`` when there is no
         newest checkpoint or it is damaged: the next checkpoint is then a full
-        keyframe, whose intact payloads repair the damaged ones they share.
+        keyframe, whose intact payloads repair the damaged ones they share. Also
+        ``None`` for a checkpoint of an older storage format: its row digests are not
+        comparable with this format's.
         """
-        if newest is None:
+        if newest is None or newest.format_version != FORMAT_VERSION:
             return None
         cached = self._known.get(task_id)
         try:

@@ -10,7 +10,9 @@ from typing import Any, NamedTuple
 from .errors import ValidationError
 
 #: Version of the stored checkpoint format (payload encoding and manifest).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: Storage formats this version reads (3 differs only in its row digests: SHA-1 in hex).
+READABLE_FORMATS = (3, 4)
 
 
 class CheckpointTrigger(StrEnum):

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .codec import compress, decompress_verified, encode_tables, make_payload, state_hashes
+from .contents import check_format
 from .durable.schema import SKILL_TABLE
 from .durable.sql import utcnow
 from .errors import CorruptCheckpointError, RestoreError
-from .image import entry_of
+from .image import RowDigest, entry_of, row_digest, row_digester
 from .model import CheckpointMetadata, CheckpointStatus, RuntimeEntry
 
 if TYPE_CHECKING:
@@ -145,7 +146,9 @@ def streamable(manifest: Sequence[tuple[str, str]]) -> bool:
     return not any(kind in ("delta", "basettl") for kind, _ in manifest)
 
 
-def _rows(digest: str, raw: bytes) -> Iterator[tuple[bytes, bytes]]:
+def _rows(
+    digest: str, raw: bytes, digester: RowDigest = row_digest
+) -> Iterator[tuple[bytes, bytes]]:
     """``(row digest, row bytes)`` of each row of a base chunk, without decoding them."""
     unpacker = msgpack.Unpacker(raw=True)
     unpacker.feed(raw)
@@ -158,7 +161,7 @@ def _rows(digest: str, raw: bytes) -> Iterator[tuple[bytes, bytes]]:
                 return
             end = unpacker.tell()
             row = raw[start:end]
-            yield hashlib.sha1(row).hexdigest().encode(), row
+            yield digester(row), row
             start = end
     except CorruptCheckpointError:
         raise
@@ -178,6 +181,9 @@ def check_streamed(
     manifest = manager.store.manifest(meta.checkpoint_id)
     name = f"checkpoint {meta.checkpoint_id}"
     prefixes = manager.layout.task_prefixes(meta.task_id)
+    check_format(meta)
+    version = meta.format_version
+    digester = row_digester(version)
     runtime = hashlib.sha256()
     dumps: list[RuntimeEntry] = []
     count = 0
@@ -185,8 +191,8 @@ def check_streamed(
         if kind != "base":
             continue
         raw = _load(manager, digest, name)
-        for row_digest, row in _rows(digest, raw):
-            runtime.update(row_digest)
+        for one_digest, row in _rows(digest, raw, digester):
+            runtime.update(one_digest)
             count += 1
             obj = msgpack.unpackb(row, raw=True)
             if not isinstance(obj, list) or not obj or not isinstance(obj[0], bytes):
@@ -205,7 +211,7 @@ def check_streamed(
         raise CorruptCheckpointError(f"{name} has a malformed manifest")
     if runtime.hexdigest() != meta.runtime_state_hash:
         raise CorruptCheckpointError(f"{name}: its runtime keys do not match their hash")
-    if state_hashes(runtime.hexdigest(), durable[0], skills[0])[0] != meta.state_hash:
+    if state_hashes(runtime.hexdigest(), durable[0], skills[0], version)[0] != meta.state_hash:
         raise CorruptCheckpointError(f"{name} does not match its state hash")
     if count != meta.key_count:
         raise CorruptCheckpointError(
