@@ -144,7 +144,7 @@ def test_keyframe_chunks_are_cut_where_a_row_by_row_walk_cuts(sizes: list[int], 
             chunk, size = [], 0
     if chunk:
         expected.append(chunk)
-    assert list(image._chunks(keys, rows)) == expected
+    assert list(image._chunks(keys, rows)) == [b"".join(c) for c in expected]
 
 
 def _base(*rows: bytes) -> codec.Payload:

@@ -288,10 +288,11 @@ class Keyframe:
     index: KeyIndex = field(default_factory=KeyIndex)
 
 
-def _chunks(keys: list[bytes], rows: list[bytes]) -> Iterator[list[bytes]]:
+def _chunks(keys: list[bytes], rows: list[bytes]) -> Iterator[bytes]:
     """``rows`` cut after each key whose CRC32 has the low bits of :data:`_CHUNK_MASK` all
     zero, or once a chunk holds :data:`_CHUNK_MAX_BYTES`: the same cuts for the same keys,
-    so unchanged chunks keep their names from one keyframe to the next."""
+    so unchanged chunks keep their names from one keyframe to the next. Each chunk comes
+    as its rows joined (joined first: the size check is then free)."""
     crc32, mask = zlib.crc32, _CHUNK_MASK
     cuts = [i + 1 for i, key in enumerate(keys) if not crc32(key) & mask]
     if not cuts or cuts[-1] != len(keys):
@@ -299,24 +300,25 @@ def _chunks(keys: list[bytes], rows: list[bytes]) -> Iterator[list[bytes]]:
     start = 0
     for end in cuts:
         chunk = rows[start:end]
-        if sum(map(len, chunk)) >= _CHUNK_MAX_BYTES:  # rare: cut by size as well
+        raw = b"".join(chunk)
+        if len(raw) >= _CHUNK_MAX_BYTES:  # rare: cut by size as well
             part: list[bytes] = []
             size = 0
             for row in chunk:
                 part.append(row)
                 size += len(row)
                 if size >= _CHUNK_MAX_BYTES:
-                    yield part
+                    yield b"".join(part)
                     part, size = [], 0
-            chunk = part
-        if chunk:
-            yield chunk
+            raw = b"".join(part)
+        if raw:
+            yield raw
         start = end
 
 
 def keyframe_payloads(image: RuntimeImage) -> tuple[list[Payload], Keyframe]:
     """The ``base`` chunks and ``ttl`` payload of a keyframe, and its :class:`Keyframe`."""
-    payloads = [_raw_payload("base", b"".join(c)) for c in _chunks(image.keys, image.rows)]
+    payloads = [_raw_payload("base", raw) for raw in _chunks(image.keys, image.rows)]
     expiring = [[k, x] for k, x in zip(image.keys, image.expiries, strict=True) if x is not None]
     ttl = make_payload("ttl", [image.captured_at_ms, expiring])
     payloads.append(ttl)
