@@ -134,7 +134,7 @@ def test_a_new_task_is_sized_from_a_sample_not_by_listing_the_database() -> None
                 before = _scan_calls(client)
                 snapshot = runtime.capture(task)
                 calls = _scan_calls(client) - before
-                assert len(snapshot.replies) == keys and snapshot.point_in_time
+                assert len(snapshot.packed.keys) == keys and snapshot.point_in_time
                 # The sample and the script's own scan; a listing takes 100 keys a call.
                 assert (calls > 3) is listed, (task, calls)
         finally:

@@ -6,11 +6,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 
 from cfn_checkpoint import CheckpointManager, KeyLayout
-from cfn_checkpoint.image import unique_replies
+from cfn_checkpoint.image import packed_rows
 
 from conftest import task_state, wipe
 from strategies import task_states, write_state
@@ -139,6 +140,14 @@ def test_batched_capture_and_restore_beyond_atomic_size(
 
 def test_a_key_an_in_script_scan_named_twice_is_kept_once() -> None:
     """SCAN may name a key twice while Redis rehashes; the script then reads it twice."""
-    a, b = [b"agent:t:a", b"string", -1, b"1", None], [b"agent:t:b", b"list", 5, [b"x"], None]
-    assert unique_replies([a, b]) == [a, b]
-    assert sorted(unique_replies([a, b, a]), key=lambda r: r[0]) == [a, b]
+    a = [b"agent:t:a", b"string", -1, b"1", None]
+    b = [b"agent:t:b", b"list", 5_000, [b"x"], None]
+    c = [b"agent:t:c", b"hash", -1, [b"f", b"v"], None]
+    once = packed_rows([*b, *a, *c], 1_000)
+    assert once.keys == [a[0], b[0], c[0]] and once.pttls == [-1, 4_000, -1]
+    for twice in ([*b, *a, *c, *a], [*a, *b, *a, *c, *b], [*c, *c, *b, *a]):
+        assert packed_rows(twice, 1_000) == once
+    assert packed_rows([], 1_000) == ([], [], [], [])
+    assert packed_rows([*a], 1_000).keys == [a[0]]
+    with pytest.raises(ValueError, match="five items a key"):
+        packed_rows([*a, b"x"], 1_000)

@@ -500,7 +500,6 @@ class CheckpointManager:
             point_in_time=snapshot.point_in_time,
             redis_version=snapshot.redis_version,
         )
-        snapshot.drop_replies()  # the packed rows replace them
         return _Plan(meta, parts, keyframe, image.index())
 
     def _capture(self, task_id: str, newest: CheckpointMetadata | None) -> Snapshot:

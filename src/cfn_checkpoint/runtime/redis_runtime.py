@@ -23,7 +23,7 @@ from redis.commands.core import Script
 from redis.crc import key_slot
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError
-from ..image import Packed, Snapshot, gc_paused, grouped, packed_rows
+from ..image import Packed, Snapshot, gc_paused, packed_rows
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
@@ -279,7 +279,7 @@ class RedisRuntime:
         for start in range(0, len(keys), batch_keys):
             batch_ms, batch, _ = self._read(keys[start : start + batch_keys])
             first_ms = first_ms or batch_ms
-            yield first_ms, packed_rows(grouped(batch), first_ms)
+            yield first_ms, packed_rows(batch, first_ms)
 
     def write_entries(self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]) -> int:
         """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
