@@ -165,12 +165,12 @@ def test_decoding_checks_each_row_and_puts_keys_in_order() -> None:
     assert [e.key for e in in_order.entries] == [b"k0", b"k1", b"k2", b"k3"]
     assert swapped.entries == in_order.entries
     assert swapped.runtime_hash == in_order.runtime_hash
-    # The key index reads as key -> (row digest, expiry), and holds no tuple per key
-    # (its dicts are never tracked by the cyclic collector).
+    # The key index reads as key -> (row digest, expiry); lookups by key go through one
+    # dict of positions, never walked by the cyclic collector (it holds no tuple).
     index = in_order.current
     assert list(index) == [b"k0", b"k1", b"k2", b"k3"] and b"k9" not in index
     assert index[b"k0"] == (xxhash.xxh3_128_digest(rows[0]), None)
-    assert not gc.is_tracked(index.digests) and not gc.is_tracked(index.expiries)
+    assert len(index) == 4 and not gc.is_tracked(index.positions())
     for bad in (
         msgpack.packb(7),
         msgpack.packb([b"k", b"string", b"v", False]),
@@ -178,3 +178,46 @@ def test_decoding_checks_each_row_and_puts_keys_in_order() -> None:
     ):
         with pytest.raises(CorruptCheckpointError, match="malformed row"):
             image.decode_image([_base(rows[0], bad), ttl])
+
+
+_expiry = st.one_of(st.none(), st.integers(min_value=0, max_value=200))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    old=st.lists(st.tuples(st.integers(0, 3), _expiry), min_size=1, max_size=40),
+    edits=st.lists(st.tuples(st.integers(0, 4), _expiry), min_size=40, max_size=40),
+    limit=st.integers(min_value=1, max_value=40),
+)
+def test_a_delta_against_the_same_keys_is_found_as_key_by_key(
+    old: list[tuple[int, int | None]], edits: list[tuple[int, int | None]], limit: int
+) -> None:
+    """The position-by-position delta (same keys) gives exactly the key-by-key one:
+    the same changed rows, TTL overrides (in key order, with the tolerance) and limit."""
+    keys = [b"k%03d" % i for i in range(len(old))]
+    old_digests = [b"d%d" % d for d, _ in old]
+    old_expiries = [None if x is None else 1_000_000 + x for _, x in old]
+    # An edit of 4 keeps the digest; an expiry moves by 0-200 ms (the tolerance is 50).
+    new_digests = [
+        d if e == 4 else b"d%d" % e for d, (e, _) in zip(old_digests, edits, strict=False)
+    ]
+    new_expiries = [None if x is None else 1_000_000 + x for _, x in edits[: len(keys)]]
+    rows = [k + b"=" + d for k, d in zip(keys, new_digests, strict=True)]
+    new = image.RuntimeImage(list(keys), rows, new_digests, new_expiries, 0)
+    base = image.KeyIndex(keys, old_digests, old_expiries)
+    assert base.same_keys(new.keys)
+    fast = image._same_keys_delta(new, base, limit)
+    assert fast == image._delta(new, image.KeyIndex(list(keys), old_digests, old_expiries), limit)
+    if fast is not None:
+        changed, overrides, gone = fast
+        assert gone == [] and len(changed) <= limit
+        assert [k for k, _ in overrides] == sorted(k for k, _ in overrides)
+    moved = image.expiries_moved(base, new)
+    slow = any(
+        (a is None) != (b is None) or (a is not None and b is not None and abs(a - b) > 50)
+        for a, b in zip(old_expiries, new_expiries, strict=True)
+    )
+    assert moved is slow
+    # A key the old index lacks counts as moved, whatever the rest.
+    fewer = image.KeyIndex(keys[1:], old_digests[1:], old_expiries[1:])
+    assert not fewer.same_keys(new.keys) and image.expiries_moved(fewer, new)

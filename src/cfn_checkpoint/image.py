@@ -33,7 +33,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from operator import itemgetter, lt
+from itertools import compress
+from operator import itemgetter, lt, ne
 from typing import Any, NamedTuple
 
 import msgpack
@@ -231,9 +232,9 @@ class RuntimeImage:
         return runtime_hash(self.digests)
 
     def index(self) -> KeyIndex:
-        """Each key's digest and expiry (made once; not to be changed)."""
+        """Each key's digest and expiry (this image's own lists; not to be changed)."""
         if self._index is None:
-            self._index = KeyIndex.of(self.keys, self.digests, self.expiries)
+            self._index = KeyIndex(self.keys, self.digests, self.expiries)
         return self._index
 
 
@@ -242,31 +243,42 @@ class KeyIndex(Mapping[bytes, tuple[bytes, int | None]]):
     """Each key's row digest and expiry instant (ms since the epoch; None: no TTL), read
     as a mapping ``key -> (digest, expiry)``.
 
-    Kept as two dicts of plain values rather than one of tuples: the cyclic collector
-    never walks a dict that holds only bytes, ints and None, and a tuple per key would
-    be walked (10,000 of them cost it about 1 ms).
+    Held as three lists in key order, an image's own (not copied, not to be changed).
+    A task's keys seldom change between checkpoints: against an index with the same
+    keys, a delta or an expiry check compares the lists position by position, in C.
+    Only when the keys differ is a dict ``key -> position`` made (of ints alone, so the
+    cyclic collector never walks it): building dicts on every checkpoint cost 1.2 ms
+    at 10,000 keys and 13-15 ms at 100,000.
     """
 
-    digests: dict[bytes, bytes] = field(default_factory=dict)
-    expiries: dict[bytes, int | None] = field(default_factory=dict)
+    sorted_keys: list[bytes] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    expiries: list[int | None] = field(default_factory=list)
+    _positions: dict[bytes, int] | None = field(default=None, repr=False)
 
-    @classmethod
-    def of(
-        cls, keys: Sequence[bytes], digests: Sequence[bytes], expiries: Iterable[int | None]
-    ) -> KeyIndex:
-        return cls(dict(zip(keys, digests, strict=True)), dict(zip(keys, expiries, strict=True)))
+    def positions(self) -> dict[bytes, int]:
+        """Each key's position in the lists (made once)."""
+        if self._positions is None:
+            keys = self.sorted_keys
+            self._positions = dict(zip(keys, range(len(keys)), strict=True))
+        return self._positions
+
+    def same_keys(self, keys: list[bytes]) -> bool:
+        """Whether ``keys`` (sorted) are exactly this index's keys."""
+        return keys is self.sorted_keys or keys == self.sorted_keys
 
     def __len__(self) -> int:
-        return len(self.digests)
+        return len(self.sorted_keys)
 
     def __getitem__(self, key: bytes) -> tuple[bytes, int | None]:
-        return self.digests[key], self.expiries[key]
+        i = self.positions()[key]
+        return self.digests[i], self.expiries[i]
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self.digests)
+        return iter(self.sorted_keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.digests
+        return key in self.positions()
 
 
 @dataclass(slots=True)
@@ -323,30 +335,14 @@ def delta_payloads(image: RuntimeImage, frame: Keyframe) -> list[tuple[str, str,
     of the task: a keyframe is then the better choice.
     """
     base = frame.index
-    base_digests, base_expiries = base.digests, base.expiries
     limit = max(1, int(MAX_DELTA_SHARE * max(len(image.keys), len(base))))
-    changed: list[bytes] = []
-    overrides: list[list[object]] = []
-    seen = 0
-    for key, row, digest, expiry in zip(
-        image.keys, image.rows, image.digests, image.expiries, strict=True
-    ):
-        old = base_digests.get(key)
-        if old is not None:
-            seen += 1
-        if old != digest:  # changed, or new
-            changed.append(row)
-            if expiry is not None:
-                overrides.append([key, expiry])
-        elif _moved(base_expiries[key], expiry):
-            overrides.append([key, expiry])
-        if len(changed) > limit:
-            return []
-    removed = len(base) - seen
-    if removed + len(changed) > limit:
+    if base.same_keys(image.keys):
+        found = _same_keys_delta(image, base, limit)
+    else:
+        found = _delta(image, base, limit)
+    if found is None:
         return []
-    present = set(image.keys) if removed else ()
-    gone = [k for k in base_digests if k not in present] if removed else []
+    changed, overrides, gone = found
     delta = _raw_payload("delta", _packer.pack(gone) + b"".join(changed))
     ttl = make_payload("ttl", [image.captured_at_ms, overrides])
     manifest: list[tuple[str, str, Payload | None]] = [("base", d, None) for d in frame.chunks]
@@ -358,6 +354,57 @@ def delta_payloads(image: RuntimeImage, frame: Keyframe) -> list[tuple[str, str,
     return manifest
 
 
+_Delta = tuple[list[bytes], list[list[object]], list[bytes]]
+
+
+def _same_keys_delta(image: RuntimeImage, base: KeyIndex, limit: int) -> _Delta | None:
+    """``(changed rows, TTL overrides, removed keys)`` against an index of the same keys,
+    found position by position; None past ``limit`` changed rows."""
+    positions = range(len(image.keys))
+    differs = list(map(ne, image.digests, base.digests))
+    changed_at = list(compress(positions, differs))
+    if len(changed_at) > limit:
+        return None
+    keys, expiries, old = image.keys, image.expiries, base.expiries
+    overriding = [i for i in changed_at if expiries[i] is not None]
+    overriding += [
+        i
+        for i in compress(positions, map(ne, expiries, old))
+        if not differs[i] and _moved(old[i], expiries[i])
+    ]
+    overriding.sort()
+    rows = image.rows
+    return [rows[i] for i in changed_at], [[keys[i], expiries[i]] for i in overriding], []
+
+
+def _delta(image: RuntimeImage, base: KeyIndex, limit: int) -> _Delta | None:
+    """As :func:`_same_keys_delta`, for keys that differ: key by key."""
+    where, base_digests, base_expiries = base.positions(), base.digests, base.expiries
+    changed: list[bytes] = []
+    overrides: list[list[object]] = []
+    seen = 0
+    for key, row, digest, expiry in zip(
+        image.keys, image.rows, image.digests, image.expiries, strict=True
+    ):
+        i = where.get(key)
+        if i is None or base_digests[i] != digest:  # new, or changed
+            changed.append(row)
+            if expiry is not None:
+                overrides.append([key, expiry])
+        elif _moved(base_expiries[i], expiry):
+            overrides.append([key, expiry])
+        if i is not None:
+            seen += 1
+        if len(changed) > limit:
+            return None
+    removed = len(base) - seen
+    if removed + len(changed) > limit:
+        return None
+    present = set(image.keys) if removed else ()
+    gone = [k for k in base.sorted_keys if k not in present] if removed else []
+    return changed, overrides, gone
+
+
 def _moved(old: int | None, new: int | None) -> bool:
     if old is None or new is None:
         return old is not new
@@ -365,10 +412,15 @@ def _moved(old: int | None, new: int | None) -> bool:
 
 
 def expiries_moved(old: KeyIndex, image: RuntimeImage) -> bool:
-    """Whether any key's expiry instant differs from ``old`` (same keys assumed)."""
-    expiries = old.expiries
-    for key, expiry in zip(image.keys, image.expiries, strict=True):
-        if key not in expiries or _moved(expiries[key], expiry):
+    """Whether any key's expiry instant differs from ``old`` (or a key is not in it)."""
+    before, now = old.expiries, image.expiries
+    if old.same_keys(image.keys):
+        differs = compress(range(len(now)), map(ne, before, now))
+        return any(_moved(before[i], now[i]) for i in differs)
+    where = old.positions()
+    for key, expiry in zip(image.keys, now, strict=True):
+        i = where.get(key)
+        if i is None or _moved(before[i], expiry):
             return True
     return False
 
@@ -467,7 +519,7 @@ def _decode_image(payloads: Sequence[Payload], digester: RowDigest) -> DecodedIm
     if delta_list:
         rows = dict(zip(keys, zip(objs, digests, strict=True), strict=True))
         _, base_expiry = _unpack_ttl(basettl_list[0].digest, basettl_list[0].raw)
-        base_index = KeyIndex.of(keys, digests, map(base_expiry.get, keys))
+        base_index = KeyIndex(keys, digests, list(map(base_expiry.get, keys)))
         expiries = dict(base_expiry)
         delta = delta_list[0]
         header, changed, changed_keys, changed_digests = _rows(
@@ -506,7 +558,7 @@ def _decode_image(payloads: Sequence[Payload], digester: RowDigest) -> DecodedIm
             append(new(RuntimeEntry, (key, kind, obj[2], pttl, None)))
         else:
             append(entry_of(obj, None if expiry is None else expiry - captured_at))
-    current = KeyIndex.of(keys, digests, instants)
+    current = KeyIndex(keys, digests, instants)
     if not delta_list:
         frame.index = current
     return DecodedImage(entries, captured_at, runtime_hash(digests), frame, current)
