@@ -162,3 +162,26 @@ def test_a_user_without_scan_gets_one_line_naming_the_sample() -> None:
         finally:
             limited.close()
             admin.close()
+
+
+class _RehashingRuntime(RedisRuntime):
+    """A runtime whose SCAN names every key twice, as SCAN may while Redis rehashes."""
+
+    def _scan(self, pattern: bytes) -> list[bytes]:
+        listed = super()._scan(pattern)
+        return listed + listed[::-1]
+
+
+def test_a_key_scan_names_twice_is_listed_once() -> None:
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            keys = [layout.key(role, "t", f"k{i}") for role in ("agent", "lock") for i in range(50)]
+            client.mset(dict.fromkeys(keys, b"v"))
+            client.set(layout.key("agent", "t2", "other"), b"v")  # another task's key
+            listed = _RehashingRuntime(client).task_keys("t")
+            assert listed == sorted(keys)
+            assert RedisRuntime(client).task_keys("t") == sorted(keys)
+        finally:
+            client.close()
