@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from cfn_checkpoint import CheckpointConfig, CheckpointManager, KeyLayout
-from cfn_checkpoint.errors import CorruptCheckpointError
-from cfn_checkpoint.model import FORMAT_VERSION
+from cfn_checkpoint import CheckpointConfig, CheckpointManager, EmbeddedRedis, KeyLayout, image
+from cfn_checkpoint.errors import UnreadableFormatError
+from cfn_checkpoint.model import FORMAT_VERSION, READABLE_FORMATS
 
 from conftest import task_state, wipe
 from format3_store import FIRST, PREFIX, SECOND, TASK, write
@@ -48,11 +48,19 @@ def store(tmp_path: Path) -> str:
     return f"sqlite:///{copy}"
 
 
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis server of this module's own: the stored checkpoints fix the key names, so
+    tests in other workers must not share them."""
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
 @pytest.fixture()
-def client(plain_redis_url: str) -> Iterator[redis.Redis]:
-    """A client to the plain server, with the fixture task's keys removed before and after
-    (their names are fixed by the stored checkpoints)."""
-    client = redis.Redis.from_url(plain_redis_url)
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client to this module's server, with the fixture task's keys removed before and
+    after."""
+    client = redis.Redis.from_url(redis_url)
     wipe(client, PREFIX)
     yield client
     wipe(client, PREFIX)
@@ -60,9 +68,9 @@ def client(plain_redis_url: str) -> Iterator[redis.Redis]:
 
 
 def test_format3_checkpoints_verify_and_recover_exactly(
-    plain_redis_url: str, store: str, client: redis.Redis
+    redis_url: str, store: str, client: redis.Redis
 ) -> None:
-    with CheckpointManager.open(plain_redis_url, store, layout=LAYOUT) as manager:
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
         first, second = sorted(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
         assert (first.format_version, second.format_version) == (3, 3)
         assert [error for _, error in manager.verify_all(TASK)] == [None, None]
@@ -74,11 +82,11 @@ def test_format3_checkpoints_verify_and_recover_exactly(
 
 
 def test_a_format3_keyframe_recovers_streamed(
-    plain_redis_url: str, store: str, client: redis.Redis
+    redis_url: str, store: str, client: redis.Redis
 ) -> None:
     """The streamed path (large tasks) digests format-3 rows the format-3 way too."""
     config = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
-    with CheckpointManager.open(plain_redis_url, store, layout=LAYOUT, config=config) as manager:
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:
         first = min(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
         result = manager.recover_from_checkpoint(TASK, first.checkpoint_id)
         assert result.success and result.keys_restored == len(FIRST)
@@ -86,9 +94,9 @@ def test_a_format3_keyframe_recovers_streamed(
 
 
 def test_the_next_checkpoint_after_format3_is_a_format4_keyframe(
-    plain_redis_url: str, store: str, client: redis.Redis
+    redis_url: str, store: str, client: redis.Redis
 ) -> None:
-    with CheckpointManager.open(plain_redis_url, store, layout=LAYOUT) as manager:
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
         first, newest = sorted(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
         write(client, SECOND)  # the state of the newest (format 3) checkpoint
         taken = manager.create_checkpoint(TASK)
@@ -104,9 +112,9 @@ def test_the_next_checkpoint_after_format3_is_a_format4_keyframe(
 
 
 def test_format4_rows_are_format3_rows_so_chunks_are_shared(
-    plain_redis_url: str, store: str, client: redis.Redis
+    redis_url: str, store: str, client: redis.Redis
 ) -> None:
-    with CheckpointManager.open(plain_redis_url, store, layout=LAYOUT) as manager:
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
         first = min(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
         write(client, FIRST)
         taken = manager.create_checkpoint(TASK)
@@ -123,22 +131,50 @@ def _chunks(manager: CheckpointManager, checkpoint_id: str) -> list[str]:
     return [d for kind, d in manager.store.manifest(checkpoint_id) if kind == "base"]
 
 
-def test_a_format_this_version_cannot_read_is_named(
-    plain_redis_url: str, store: str, client: redis.Redis
+def test_a_format_this_version_cannot_read_is_named_and_not_fallen_back_from(
+    redis_url: str, store: str, client: redis.Redis
 ) -> None:
+    """A checkpoint a newer version wrote is not damage: a plain recover stops there
+    rather than roll the task back to an older one, and nothing is written."""
     path = store.removeprefix("sqlite:///")
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
+        first, newest = sorted(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE checkpoints SET format_version = 9")
+        db.execute(
+            "UPDATE checkpoints SET format_version = 9 WHERE checkpoint_id = ?",
+            (newest.checkpoint_id,),
+        )
     db.close()
-    with CheckpointManager.open(plain_redis_url, store, layout=LAYOUT) as manager:
-        first = min(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
-        unreadable = "uses storage format 9; this version reads formats 3 and 4"
-        with pytest.raises(CorruptCheckpointError, match=unreadable):
-            manager.recover_from_checkpoint(TASK, first.checkpoint_id)
-        with pytest.raises(CorruptCheckpointError, match=unreadable):
-            manager.verify_checkpoint(first.checkpoint_id)
-        streamed = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
-    with CheckpointManager.open(plain_redis_url, store, layout=LAYOUT, config=streamed) as manager:
-        with pytest.raises(CorruptCheckpointError, match=unreadable):
-            manager.recover_from_checkpoint(TASK, first.checkpoint_id)
+    unreadable = (
+        f"checkpoint {newest.checkpoint_id} uses storage format 9; this version reads "
+        "formats 3 and 4"
+    )
+    streamed = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
+    for config in (CheckpointConfig(), streamed):
+        with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:
+            with pytest.raises(
+                UnreadableFormatError,
+                match=f"^{unreadable}: not recovering an older checkpoint in its place",
+            ):
+                manager.recover_from_checkpoint(TASK)
+            with pytest.raises(UnreadableFormatError, match=f"^{unreadable}$"):
+                manager.recover_from_checkpoint(TASK, newest.checkpoint_id)
     assert task_state(client, PREFIX) == {}  # nothing written
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM recoveries").fetchone() == (0,)
+    db.close()
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
+        with pytest.raises(UnreadableFormatError, match=f"^{unreadable}$"):
+            manager.verify_checkpoint(newest.checkpoint_id)
+        verified = {m.checkpoint_id: error for m, error in manager.verify_all(TASK)}
+        assert verified[first.checkpoint_id] is None
+        assert str(verified[newest.checkpoint_id]) == unreadable
+        # Named, the older checkpoint still recovers.
+        manager.recover_from_checkpoint(TASK, first.checkpoint_id)
+        assert task_state(client, PREFIX) == expected(FIRST)
+
+
+def test_every_readable_format_has_its_row_digest() -> None:
+    assert sorted(image._DIGESTERS) == sorted(READABLE_FORMATS)
+    with pytest.raises(UnreadableFormatError, match="storage format 2 is not one"):
+        image.row_digester(2)

@@ -8,6 +8,7 @@ from .errors import (
     LockTimeoutError,
     RestoreError,
     StoreUnavailableError,
+    UnreadableFormatError,
     ValidationError,
 )
 from .layout import KeyLayout, validate_task_id
@@ -43,6 +44,7 @@ __all__ = [
     "StoreUnavailableError",
     "TaskWriter",
     "TtlPolicy",
+    "UnreadableFormatError",
     "ValidationError",
     "__version__",
     "validate_task_id",

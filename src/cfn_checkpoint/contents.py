@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .codec import Payload, decode_tables, decompress_verified, state_hashes
 from .durable.schema import SKILL_TABLE
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnreadableFormatError
 from .image import Keyframe, KeyIndex, decode_image
 from .model import READABLE_FORMATS, CheckpointMetadata, RuntimeEntry, TableRows
 
@@ -57,10 +57,10 @@ def verify_contents(
 
 
 def check_format(meta: CheckpointMetadata) -> None:
-    """Raise :class:`CorruptCheckpointError` if this version cannot read ``meta``'s format."""
+    """Raise :class:`UnreadableFormatError` if this version cannot read ``meta``'s format."""
     if meta.format_version not in READABLE_FORMATS:
         readable = " and ".join(map(str, READABLE_FORMATS))
-        raise CorruptCheckpointError(
+        raise UnreadableFormatError(
             f"checkpoint {meta.checkpoint_id} uses storage format {meta.format_version}; "
             f"this version reads formats {readable}"
         )

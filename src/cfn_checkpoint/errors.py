@@ -55,6 +55,11 @@ class CorruptCheckpointError(CheckpointError):
     code = ErrorCode.CORRUPT
 
 
+class UnreadableFormatError(CorruptCheckpointError):
+    """A checkpoint in a storage format this version does not read (a newer one wrote
+    it). Not damage: recovery stops rather than fall back to an older checkpoint."""
+
+
 class StoreUnavailableError(CheckpointError, ConnectionError):
     """Redis or the durable database cannot be reached or used."""
 

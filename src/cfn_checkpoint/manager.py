@@ -41,6 +41,7 @@ from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StoreUnavailableError,
+    UnreadableFormatError,
     ValidationError,
 )
 from .image import (
@@ -842,6 +843,13 @@ class CheckpointManager:
         for meta in candidates:
             try:
                 loaded = self._load_for_recovery(meta, streamed)
+            except UnreadableFormatError as exc:
+                # Written by a newer version, not damaged: an older checkpoint in its
+                # place would silently roll the task further back than asked.
+                raise UnreadableFormatError(
+                    f"{exc}: not recovering an older checkpoint in its place; upgrade "
+                    "cfn-checkpoint, or name the checkpoint to recover"
+                ) from exc
             except CorruptCheckpointError as exc:
                 notes.append(f"skipped corrupt checkpoint {meta.checkpoint_id}: {exc}")
                 continue
