@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -140,14 +141,19 @@ def test_batched_capture_and_restore_beyond_atomic_size(
 
 def test_a_key_an_in_script_scan_named_twice_is_kept_once() -> None:
     """SCAN may name a key twice while Redis rehashes; the script then reads it twice."""
-    a = [b"agent:t:a", b"string", -1, b"1", None]
-    b = [b"agent:t:b", b"list", 5_000, [b"x"], None]
-    c = [b"agent:t:c", b"hash", -1, [b"f", b"v"], None]
+    a = [b"agent:t:a", b"string", -1, b"1"]
+    b = [b"agent:t:b", b"list", 5_000, [b"x"]]
+    c = [b"agent:t:c", b"dump:stream", -1, b"\x0f payload"]
     once = packed_rows([*b, *a, *c], 1_000)
     assert once.keys == [a[0], b[0], c[0]] and once.pttls == [-1, 4_000, -1]
+    assert [msgpack.unpackb(row, raw=True) for row in once.rows] == [
+        [a[0], b"string", b"1", False, False],
+        [b[0], b"list", [b"x"], True, False],
+        [c[0], b"dump", b"\x0f payload", False, b"stream"],  # the native type apart
+    ]
     for twice in ([*b, *a, *c, *a], [*a, *b, *a, *c, *b], [*c, *c, *b, *a]):
         assert packed_rows(twice, 1_000) == once
     assert packed_rows([], 1_000) == ([], [], [], [])
     assert packed_rows([*a], 1_000).keys == [a[0]]
-    with pytest.raises(ValueError, match="five items a key"):
+    with pytest.raises(ValueError, match="four items a key"):
         packed_rows([*a, b"x"], 1_000)

@@ -135,9 +135,10 @@ def gc_paused() -> Iterator[None]:
 def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
     """The rows of the keys the capture scripts read, sorted by key, each key once.
 
-    ``flat`` holds five items a key: ``key, type, expiry, value, native type or None``,
-    the expiry in ms since the epoch on the server clock (-1: none); pttl is the TTL
-    left at ``now_ms``. The row is ``[key, type, value, has_ttl, native or false]``
+    ``flat`` holds four items a key: ``key, type, expiry, value``, the type
+    ``dump:<native type>`` for a DUMP payload, the expiry in ms since the epoch on the
+    server clock (-1: none); pttl is the TTL left at ``now_ms``. The row is ``[key,
+    type, value, has_ttl, native or false]`` (type ``dump`` and the native type apart)
     packed with msgpack (bytes as raw strings), its digest :data:`row_digest`. Packing
     and hashing here, not in Redis's Lua, costs about a quarter as much. The columns
     are sliced out and put in key order whole, with no tuple made per key.
@@ -145,24 +146,31 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
     An in-script SCAN may name a key twice (while Redis rehashes), and the script then
     reads it twice, the same value atomically: such a key is kept once.
     """
-    if len(flat) % 5:
-        raise ValueError(f"a capture reply holds five items a key, not {len(flat)} items")
+    if len(flat) % 4:
+        raise ValueError(f"a capture reply holds four items a key, not {len(flat)} items")
     pack = _row_packer.pack
     with gc_paused():
-        keys = flat[0::5]
+        keys = flat[0::4]
         order = sorted(range(len(keys)), key=keys.__getitem__)
         keys = list(map(keys.__getitem__, order))
         if not all(map(lt, keys, keys[1:])):  # a key twice: one position each
             once = dict(zip(keys, order, strict=True))
             keys, order = list(once), list(once.values())
-        types, expiries, values, natives = (
-            list(map(column.__getitem__, order))
-            for column in (flat[1::5], flat[2::5], flat[3::5], flat[4::5])
+        types, expiries, values = (
+            list(map(column.__getitem__, order)) for column in (flat[1::4], flat[2::4], flat[3::4])
         )
-        rows = [
-            pack([k, t, v, x >= 0, n or False])
-            for k, t, x, v, n in zip(keys, types, expiries, values, natives, strict=True)
-        ]
+        if any(t.startswith(b"dump:") for t in set(types)):  # streams, module types: rare
+            rows = [
+                pack([k, t, v, x >= 0, False])
+                if not t.startswith(b"dump:")
+                else pack([k, b"dump", v, x >= 0, t[5:]])
+                for k, t, x, v in zip(keys, types, expiries, values, strict=True)
+            ]
+        else:
+            rows = [
+                pack([k, t, v, x >= 0, False])
+                for k, t, x, v in zip(keys, types, expiries, values, strict=True)
+            ]
         return Packed(
             keys,
             list(map(row_digest, rows)),
@@ -176,7 +184,7 @@ class Snapshot:
     """A task's runtime keys as read at one moment (when ``point_in_time``).
 
     ``flat`` is what the capture scripts returned, in the order they read the keys
-    (five items a key: see :func:`packed_rows`). Keys sorted, rows and digests are
+    (four items a key: see :func:`packed_rows`). Keys sorted, rows and digests are
     made the first time they are asked for, so an unchanged task, recognised by
     comparing ``flat`` with an earlier read, costs no packing, hashing or sorting.
     """

@@ -82,6 +82,6 @@ def estimate(snapshot: Snapshot) -> int:
     bytes plus a fixed cost per Python object (measured with tracemalloc: 0.5-0.85 of
     this on tasks of small hash fields and of JSON strings)."""
     flat = snapshot.flat
-    lists = [v for v in flat[3::5] if type(v) is list]
+    lists = [v for v in flat[3::4] if type(v) is list]
     items = len(flat) + sum(map(len, lists))
     return snapshot.row_bytes + _PER_OBJECT * items + _PER_LIST * len(lists)

@@ -319,7 +319,7 @@ class RedisRuntime:
         for answer in answers:
             lead = int(answer[0]) - clock
             if lead:
-                for i in range(3, len(answer), 5):  # each key's expiry
+                for i in range(3, len(answer), 4):  # each key's expiry
                     if answer[i] >= 0:
                         answer[i] -= lead
             flat.extend(answer[1:])
