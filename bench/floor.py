@@ -1,6 +1,7 @@
 """The floor: the fastest raw way to do the I/O a checkpoint and a recovery must do.
 
-* capture: find the task's keys and read type, PTTL and value of each, either
+* capture: find the task's keys and read type, PTTL and value of each (strings by one
+  MGET per 1,000 keys, the other types by TYPE and their read command), either
   (``scan+lua``) SCAN from the client then one Lua script per 1,000 keys, all sent
   in one pipeline, or (``lua-all``) one Lua script that SCANs and reads everything;
 * create: capture, then write a given number of bytes (the bytes our checkpoint
@@ -32,26 +33,37 @@ RECOVER_VARIANTS = ("pipeline", "lua")
 BATCH_KEYS = 1_000
 BLOB_BYTES = 1 << 20
 
+#: Strings are read with one MGET per 1,000 keys (nil for a key of another type, which
+#: alone then needs a TYPE): fewer calls a key than TYPE + GET, as the library reads.
 _READ = r"""
-local function read(key, out)
-  local ty = redis.call('TYPE', key)['ok']
-  local value
-  if ty == 'string' then
-    value = redis.call('GET', key)
-  elseif ty == 'list' then
-    value = redis.call('LRANGE', key, 0, -1)
-  elseif ty == 'hash' then
-    value = redis.call('HGETALL', key)
-  elseif ty == 'set' then
-    value = redis.call('SMEMBERS', key)
-  elseif ty == 'zset' then
-    value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  else
-    value = redis.call('DUMP', key)
+local function read(key, string_value, out)
+  local ty, value = 'string', string_value
+  if not value then
+    ty = redis.call('TYPE', key)['ok']
+    if ty == 'list' then
+      value = redis.call('LRANGE', key, 0, -1)
+    elseif ty == 'hash' then
+      value = redis.call('HGETALL', key)
+    elseif ty == 'set' then
+      value = redis.call('SMEMBERS', key)
+    elseif ty == 'zset' then
+      value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+    else
+      value = redis.call('DUMP', key)
+    end
   end
   out[#out + 1] = ty
   out[#out + 1] = redis.call('PTTL', key)
   out[#out + 1] = value
+end
+local function read_all(keys, out)
+  for first = 1, #keys, 1000 do
+    local last = math.min(first + 999, #keys)
+    local strings = redis.call('MGET', unpack(keys, first, last))
+    for i = first, last do
+      read(keys[i], strings[i - first + 1], out)
+    end
+  end
 end
 """
 
@@ -60,9 +72,7 @@ READ_KEYS = (
     _READ
     + r"""
 local out = {}
-for i = 1, #KEYS do
-  read(KEYS[i], out)
-end
+read_all(KEYS, out)
 return {KEYS, out}
 """
 )
@@ -81,9 +91,7 @@ repeat
   end
 until cursor == '0'
 local out = {}
-for _, key in ipairs(keys) do
-  read(key, out)
-end
+read_all(keys, out)
 return {keys, out}
 """
 )
