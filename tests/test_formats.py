@@ -24,6 +24,8 @@ from format3_store import FIRST, PREFIX, SECOND, TASK, write
 
 FIXTURE = Path(__file__).parent / "data" / "format3.db"
 LAYOUT = KeyLayout(prefix=PREFIX)
+#: Small enough limits that the fixture's task (27 keys) takes the large-task paths.
+STREAMED = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
 
 
 def expected(state: dict[tuple[str, str], tuple[str, Any, int | None]]) -> dict[bytes, Any]:
@@ -67,10 +69,13 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.mark.parametrize("config", [CheckpointConfig(), STREAMED], ids=["whole", "streamed"])
 def test_format3_checkpoints_verify_and_recover_exactly(
-    redis_url: str, store: str, client: redis.Redis
+    redis_url: str, store: str, client: redis.Redis, config: CheckpointConfig
 ) -> None:
-    with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
+    """Streamed (a large task's path), a keyframe's format-3 rows are digested the
+    format-3 way too; a delta is never streamed."""
+    with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:
         first, second = sorted(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
         assert (first.format_version, second.format_version) == (3, 3)
         assert [error for _, error in manager.verify_all(TASK)] == [None, None]
@@ -79,18 +84,6 @@ def test_format3_checkpoints_verify_and_recover_exactly(
             result = manager.recover_from_checkpoint(TASK, meta.checkpoint_id)
             assert result.success and result.keys_restored == len(state)
             assert task_state(client, PREFIX) == expected(state)
-
-
-def test_a_format3_keyframe_recovers_streamed(
-    redis_url: str, store: str, client: redis.Redis
-) -> None:
-    """The streamed path (large tasks) digests format-3 rows the format-3 way too."""
-    config = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
-    with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:
-        first = min(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
-        result = manager.recover_from_checkpoint(TASK, first.checkpoint_id)
-        assert result.success and result.keys_restored == len(FIRST)
-        assert task_state(client, PREFIX) == expected(FIRST)
 
 
 def test_the_next_checkpoint_after_format3_is_a_format4_keyframe(
@@ -149,8 +142,7 @@ def test_a_format_this_version_cannot_read_is_named_and_not_fallen_back_from(
         f"checkpoint {newest.checkpoint_id} uses storage format 9; this version reads "
         "formats 3 and 4"
     )
-    streamed = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
-    for config in (CheckpointConfig(), streamed):
+    for config in (CheckpointConfig(), STREAMED):
         with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:
             with pytest.raises(
                 UnreadableFormatError,
