@@ -164,6 +164,39 @@ def test_a_user_without_scan_gets_one_line_naming_the_sample() -> None:
             admin.close()
 
 
+def _rejected(client: redis.Redis, command: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{command}", {})
+    return int(stats.get("rejected_calls", 0))
+
+
+def test_a_user_denied_mget_is_read_key_by_key() -> None:
+    """Strings are read by MGET; a Redis user an ACL denies it gets the same capture,
+    and the refused MGET is tried once per script, not once per 1,000 keys."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "nomget", "on", ">pw", "~*", "+@all", "-mget")
+        admin.mset({layout.key("agent", "t", f"k{i:04d}"): b"v%d" % i for i in range(2_400)})
+        admin.set(layout.key("agent", "t", "empty"), b"")
+        admin.rpush(layout.key("queue", "t", "q"), b"a", b"b")
+        admin.hset(layout.key("agent", "t", "h"), mapping={b"f": b"1"})
+        admin.set(layout.key("lock", "t", "l"), b"owner", px=600_000)
+        limited = redis.Redis.from_url(server.url, username="nomget", password="pw")
+        try:
+            expected = RedisRuntime(admin).capture("t").packed
+            # The in-script scan, then a read of listed keys (a database too large to scan).
+            for in_script in (100_000, 0):
+                runtime = RedisRuntime(limited, scan_in_script_max_keys=in_script)
+                before = _rejected(admin, "mget")
+                got = runtime.capture("t").packed
+                assert _rejected(admin, "mget") == before + 1
+                assert (got.keys, got.rows) == (expected.keys, expected.rows)
+                assert len(got.keys) == 2_404
+        finally:
+            limited.close()
+            admin.close()
+
+
 class _RehashingRuntime(RedisRuntime):
     """A runtime whose SCAN names every key twice, as SCAN may while Redis rehashes."""
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 #: (a flat array: four items a key, after ``out[1]``, the clock), nothing for a key that
 #: is gone. Strings (most keys) are read with one MGET per 1,000 keys: MGET gives nil
 #: for a key of another type, and only those need a TYPE. Measured at 10,000 keys, that
-#: takes 16% off the script (47.6 -> 39.8 ms), a TYPE and a GET call fewer a string. value is
+#: takes 16% off the script (47.6 -> 39.8 ms), a TYPE and a GET call fewer a string. A
+#: Redis user denied MGET (an ACL) is read key by key instead, with TYPE and GET: the
+#: first MGET tells, and is not sent again. value is
 #: a bulk string (string; DUMP payload, type ``dump:<its type>``, for any type other
 #: than string/list/hash/set/zset) or a flat array (list items; set members, sorted;
 #: hash field, value, ... sorted by field; zset member, score, ... in rank order). The
@@ -30,6 +32,7 @@ _ROW = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local has_expiretime = nil
+local has_mget = nil
 local out = {now}
 local nout = 1
 local function read(key, string_value)
@@ -38,6 +41,8 @@ local function read(key, string_value)
     ty = redis.call('TYPE', key)['ok']
     if ty == 'none' then
       return
+    elseif ty == 'string' then
+      value = redis.call('GET', key)  -- MGET was not allowed
     elseif ty == 'list' then
       value = redis.call('LRANGE', key, 0, -1)
     elseif ty == 'hash' then
@@ -90,7 +95,14 @@ end
 local function read_all(keys)
   for first = 1, #keys, 1000 do
     local last = math.min(first + 999, #keys)
-    local strings = redis.call('MGET', unpack(keys, first, last))
+    local strings = {}
+    if has_mget ~= false then
+      local got = redis.pcall('MGET', unpack(keys, first, last))
+      has_mget = got['err'] == nil
+      if has_mget then
+        strings = got
+      end
+    end
     for i = first, last do
       read(keys[i], strings[i - first + 1])
     end
