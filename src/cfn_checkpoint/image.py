@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import compress
-from operator import itemgetter, lt, ne
+from operator import itemgetter, lt, methodcaller, ne
 from typing import Any, NamedTuple
 
 import msgpack
@@ -159,18 +159,13 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
         types, expiries, values = (
             list(map(column.__getitem__, order)) for column in (flat[1::4], flat[2::4], flat[3::4])
         )
+        rows = [
+            pack([k, t, v, x >= 0, False])
+            for k, t, x, v in zip(keys, types, expiries, values, strict=True)
+        ]
         if any(t.startswith(b"dump:") for t in set(types)):  # streams, module types: rare
-            rows = [
-                pack([k, t, v, x >= 0, False])
-                if not t.startswith(b"dump:")
-                else pack([k, b"dump", v, x >= 0, t[5:]])
-                for k, t, x, v in zip(keys, types, expiries, values, strict=True)
-            ]
-        else:
-            rows = [
-                pack([k, t, v, x >= 0, False])
-                for k, t, x, v in zip(keys, types, expiries, values, strict=True)
-            ]
+            for i in compress(range(len(types)), map(methodcaller("startswith", b"dump:"), types)):
+                rows[i] = pack([keys[i], b"dump", values[i], expiries[i] >= 0, types[i][5:]])
         return Packed(
             keys,
             list(map(row_digest, rows)),

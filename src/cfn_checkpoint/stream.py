@@ -22,7 +22,7 @@ from .contents import check_format
 from .durable.schema import SKILL_TABLE
 from .durable.sql import utcnow
 from .errors import CorruptCheckpointError, RestoreError
-from .image import RowDigest, entry_of, row_digest, row_digester
+from .image import entry_of, row_digester
 from .model import CheckpointMetadata, CheckpointStatus, RuntimeEntry
 
 if TYPE_CHECKING:
@@ -146,10 +146,8 @@ def streamable(manifest: Sequence[tuple[str, str]]) -> bool:
     return not any(kind in ("delta", "basettl") for kind, _ in manifest)
 
 
-def _rows(
-    digest: str, raw: bytes, digester: RowDigest = row_digest
-) -> Iterator[tuple[bytes, bytes]]:
-    """``(row digest, row bytes)`` of each row of a base chunk, without decoding them."""
+def _rows(digest: str, raw: bytes) -> Iterator[bytes]:
+    """The bytes of each row of a base chunk, without decoding them."""
     unpacker = msgpack.Unpacker(raw=True)
     unpacker.feed(raw)
     start = 0
@@ -160,8 +158,7 @@ def _rows(
             except msgpack.OutOfData:
                 return
             end = unpacker.tell()
-            row = raw[start:end]
-            yield digester(row), row
+            yield raw[start:end]
             start = end
     except CorruptCheckpointError:
         raise
@@ -191,8 +188,8 @@ def check_streamed(
         if kind != "base":
             continue
         raw = _load(manager, digest, name)
-        for one_digest, row in _rows(digest, raw, digester):
-            runtime.update(one_digest)
+        for row in _rows(digest, raw):
+            runtime.update(digester(row))
             count += 1
             obj = msgpack.unpackb(row, raw=True)
             if not isinstance(obj, list) or not obj or not isinstance(obj[0], bytes):
@@ -250,7 +247,7 @@ def restore_streamed(
         if kind != "base":
             continue
         entries: list[RuntimeEntry] = []
-        for _, row in _rows(digest, _load(manager, digest, name)):
+        for row in _rows(digest, _load(manager, digest, name)):
             obj = msgpack.unpackb(row, raw=True)
             key = obj[0]
             if not key.startswith(prefixes):
