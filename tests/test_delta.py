@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import zlib
 from collections.abc import Callable
 from datetime import timedelta
@@ -219,3 +220,38 @@ def test_a_delta_against_the_same_keys_is_found_as_key_by_key(
     # A key the old index lacks counts as moved, whatever the rest.
     fewer = image.KeyIndex(keys[1:], old_digests[1:], old_expiries[1:])
     assert not fewer.same_keys(new.keys) and image.expiries_moved(fewer, new)
+
+
+def test_reused_compression_contexts_give_each_thread_exact_payloads() -> None:
+    """zstandard contexts are kept per thread and reused: payloads compressed by many
+    threads at once, at two levels, each decompress to their own bytes, and a damaged
+    payload leaves the context fit for the next one."""
+    payloads = [random.Random(seed).randbytes(50_000) * 3 for seed in range(8)]
+    expected = {
+        (i, level): codec.compress(raw, level) for i, raw in enumerate(payloads) for level in (1, 3)
+    }
+    failures: list[str] = []
+
+    def work(worker: int) -> None:
+        for round_ in range(20):
+            i, level = (worker + round_) % len(payloads), (1, 3)[round_ % 2]
+            stored = codec.compress(payloads[i], level)
+            if stored != expected[i, level]:
+                failures.append(f"worker {worker}: payload {i} at level {level} differs")
+            if codec.decompress_verified(codec.digest_of(payloads[i]), stored) != payloads[i]:
+                failures.append(f"worker {worker}: payload {i} did not round-trip")
+            with pytest.raises(CorruptCheckpointError, match="cannot be decompressed"):
+                codec.decompress_verified("ab", b"not zstd" + stored)
+
+    def guarded(worker: int) -> None:  # an exception in a thread would otherwise be lost
+        try:
+            work(worker)
+        except BaseException as exc:
+            failures.append(f"worker {worker}: {exc!r}")
+
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

@@ -15,6 +15,7 @@ payload is verified against its name whenever it is loaded.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +57,37 @@ def make_payload(kind: str, obj: Any) -> Payload:
     return Payload(kind, digest_of(raw), raw)
 
 
+class _Contexts(threading.local):
+    """zstandard contexts kept per thread (one may not be used by two threads at once).
+
+    A new context per payload costs its allocation each time: the ten 350 KB chunks of
+    a 10,000-key keyframe compress in 9.8 ms with one context reused against 10.1 ms
+    with one each, and decompress in 7.0 against 7.2 ms (best of 20, alternating).
+    """
+
+    def __init__(self) -> None:
+        self.compressors: dict[int, zstandard.ZstdCompressor] = {}
+        self.decompressor = zstandard.ZstdDecompressor()
+
+    def compressor(self, level: int) -> zstandard.ZstdCompressor:
+        found = self.compressors.get(level)
+        if found is None:
+            found = self.compressors[level] = zstandard.ZstdCompressor(level=level)
+        return found
+
+
+_contexts = _Contexts()
+
+
 def compress(raw: bytes, level: int) -> bytes:
     """Compress one payload for storage."""
-    return zstandard.ZstdCompressor(level=level).compress(raw)
+    return _contexts.compressor(level).compress(raw)
 
 
 def decompress_verified(digest: str, stored: bytes) -> bytes:
     """Decompress a stored payload and check it against its hash."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(stored)
+        raw = _contexts.decompressor.decompress(stored)
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(
             f"payload {digest[:12]} cannot be decompressed: {exc}"
