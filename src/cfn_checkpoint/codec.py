@@ -63,6 +63,8 @@ class _Contexts(threading.local):
     A new context per payload costs its allocation each time: the ten 350 KB chunks of
     a 10,000-key keyframe compress in 9.8 ms with one context reused against 10.1 ms
     with one each, and decompress in 7.0 against 7.2 ms (best of 20, alternating).
+    A context lives as long as its thread: 1-2 MB at levels 1-3, up to 18 MB at 19-22
+    (``ZstdCompressor.memory_size()`` after compressing a 1 MB payload).
     """
 
     def __init__(self) -> None:
