@@ -96,9 +96,11 @@ return {keys, out}
 """
 )
 
-#: KEYS: keys to write. ARGV per key: type, pttl (<= 0: none), n, item1 .. itemN.
+#: KEYS: keys to write (at most 1,000). ARGV per key: type, pttl (<= 0: none), n, item1
+#: .. itemN. Strings without a TTL go in one MSET, as the library's restore does.
 WRITE = r"""
 local commands = {list = 'RPUSH', set = 'SADD', hash = 'HSET', zset = 'ZADD'}
+local plain, nplain = {}, 0
 local a = 1
 for i = 1, #KEYS do
   local key = KEYS[i]
@@ -110,7 +112,9 @@ for i = 1, #KEYS do
     if pttl > 0 then
       redis.call('SET', key, ARGV[a], 'PX', pttl)
     else
-      redis.call('SET', key, ARGV[a])
+      plain[nplain + 1] = key
+      plain[nplain + 2] = ARGV[a]
+      nplain = nplain + 2
     end
   else
     local last = a + n - 1
@@ -125,6 +129,9 @@ for i = 1, #KEYS do
     end
   end
   a = a + n
+end
+if nplain > 0 then
+  redis.call('MSET', unpack(plain, 1, nplain))
 end
 return #KEYS
 """
@@ -219,11 +226,14 @@ class Floor:
     def _write_pipelined(self, capture: Capture) -> None:
         pipe = self.client.pipeline(transaction=False)
         written = 0
+        plain: dict[bytes, bytes] = {}  # strings without a TTL: one MSET a batch
         for keys, flat in capture.batches:
             for i, key in enumerate(keys):
                 kind, pttl, value = flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]
-                if kind == b"string":
-                    pipe.set(key, value, px=pttl if pttl > 0 else None)
+                if kind == b"string" and pttl <= 0:
+                    plain[key] = value
+                elif kind == b"string":
+                    pipe.set(key, value, px=pttl)
                 else:
                     if kind == b"list":
                         pipe.rpush(key, *value)
@@ -239,7 +249,12 @@ class Floor:
                         pipe.pexpire(key, pttl)
                 written += 1
                 if written % BATCH_KEYS == 0:
+                    if plain:
+                        pipe.mset(plain)
+                        plain = {}
                     pipe.execute()
+        if plain:
+            pipe.mset(plain)
         pipe.execute()
 
     def _write_lua(self, capture: Capture) -> None:

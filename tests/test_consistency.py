@@ -9,6 +9,7 @@ import redis
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.errors import StoreUnavailableError
+from cfn_checkpoint.model import RedisType, RuntimeEntry
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
 from conftest import redis_client
@@ -192,6 +193,50 @@ def test_a_user_denied_mget_is_read_key_by_key() -> None:
                 assert _denied(admin, "mget") == before + 1
                 assert (got.keys, got.rows) == (expected.keys, expected.rows)
                 assert len(got.keys) == 2_404
+        finally:
+            limited.close()
+            admin.close()
+
+
+def test_strings_without_a_ttl_are_restored_by_mset_or_key_by_key_if_denied() -> None:
+    """Strings without a TTL are written with one MSET per 1,000: the keys come back
+    exact, and an old TTL on such a key is gone, as SET would leave it. A Redis user an
+    ACL denies MSET gets the same result, and the refused MSET is tried once per script,
+    not once per 1,000 keys."""
+    layout = KeyLayout()
+    key = layout.key
+    entries = [
+        RuntimeEntry(key("agent", "t", f"k{i:04d}"), RedisType.STRING, b"v%d" % i)
+        for i in range(2_500)  # two full MSETs and a part
+    ]
+    entries += [
+        RuntimeEntry(key("agent", "t", "empty"), RedisType.STRING, b""),
+        RuntimeEntry(key("lock", "t", "l"), RedisType.STRING, b"owner", 600_000),
+        RuntimeEntry(key("queue", "t", "q"), RedisType.LIST, [b"a", b"b"]),
+    ]
+    with EmbeddedRedis() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "nomset", "on", ">pw", "~*", "+@all", "-mset")
+        limited = redis.Redis.from_url(server.url, username="nomset", password="pw")
+        try:
+            for client, refused in ((admin, 0), (limited, 1)):
+                admin.flushall()
+                admin.set(key("agent", "t", "k0007"), b"old", px=600_000)
+                admin.set(key("agent", "t", "stale"), b"x")
+                admin.set(key("agent", "other", "k"), b"kept")
+                before = _denied(admin, "mset")
+                now = RedisRuntime(admin).server_time_ms()
+                stats = RedisRuntime(client).restore("t", entries, now)
+                assert _denied(admin, "mset") == before + refused
+                assert (stats.keys_written, stats.keys_removed, stats.atomic) == (2_503, 1, True)
+                read = RedisRuntime(admin).capture("t")
+                assert read.entries == [
+                    e._replace(pttl_ms=None if e.pttl_ms is None else read.entries[i].pttl_ms)
+                    for i, e in enumerate(sorted(entries))
+                ]
+                assert admin.pttl(key("agent", "t", "k0007")) == -1  # the old TTL is gone
+                assert 0 < admin.pttl(key("lock", "t", "l")) <= 600_000
+                assert admin.get(key("agent", "other", "k")) == b"kept"
         finally:
             limited.close()
             admin.close()
