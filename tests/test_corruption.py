@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import redis
 
@@ -53,6 +55,30 @@ def test_flipped_bytes_fall_back_to_previous_intact_checkpoint(
     assert result.success and result.checkpoint_id == old.checkpoint_id
     assert any(new.checkpoint_id in e and "corrupt" in e for e in result.errors)
     assert any("fell back" in e for e in result.errors)
+    assert task_state(client, prefix) == state_old
+
+
+def test_a_header_claiming_a_huge_size_is_corruption_not_a_crash(
+    manager: CheckpointManager, client: redis.Redis, layout: KeyLayout, prefix: str
+) -> None:
+    """A damaged zstandard header can claim any content size (here 16 TiB): that is a
+    corrupt payload, and recovery falls back, rather than a MemoryError."""
+    agent = layout.key("agent", "t", "a")
+    client.set(agent, b"v1")
+    old = manager.create_checkpoint("t")
+    state_old = task_state(client, prefix)
+    client.set(agent, b"v2")
+    new = manager.create_checkpoint("t")
+    # Magic, a header with an 8-byte content size and one segment, the size, a block.
+    huge = b"\x28\xb5\x2f\xfd\xe0" + struct.pack("<Q", 1 << 44) + b"\x01\x00\x00"
+    for digest in _unique_digests(manager, new.checkpoint_id):
+        with manager.store.atomic() as db:
+            db.execute("UPDATE payloads SET data = ? WHERE digest = ?", (huge, digest))
+    with pytest.raises(CorruptCheckpointError, match="cannot be decompressed"):
+        manager.load_checkpoint(new.checkpoint_id)
+    manager.runtime.delete_task("t")
+    result = manager.recover_from_checkpoint("t")
+    assert result.success and result.checkpoint_id == old.checkpoint_id
     assert task_state(client, prefix) == state_old
 
 

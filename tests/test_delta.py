@@ -255,3 +255,7 @@ def test_reused_compression_contexts_give_each_thread_exact_payloads() -> None:
     for thread in threads:
         thread.join()
     assert failures == []
+    # Contexts are kept for the low levels only: a high level's grows with its payloads.
+    stored = codec.compress(payloads[0], 19)
+    assert codec.decompress_verified(codec.digest_of(payloads[0]), stored) == payloads[0]
+    assert 1 in codec._contexts.compressors and 19 not in codec._contexts.compressors
