@@ -246,7 +246,8 @@ return out
 )
 
 #: Replace a task's keys atomically.
-#: KEYS: first the keys to delete (``ndelete`` of them), then the keys to write.
+#: KEYS: first the keys to delete (``ndelete`` of them), then the keys to write (each once,
+#: as a checkpoint names them: strings without a TTL are written last, by MSET).
 #: ARGV: ``ndelete, specs, [how, ...]``. ``specs`` is one flat
 #: msgpack array (bytes as raw strings), for each key to write in KEYS order ``type, pttl,
 #: value`` (type string or dump) or ``type, pttl, n, item1 .. itemN`` (list, set: the
