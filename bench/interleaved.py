@@ -1,12 +1,18 @@
-"""An unchanged re-checkpoint against the capture floor, measured alternately.
+"""Our time against the floor's, measured alternately in one process.
 
-    python bench/interleaved.py [-n 10000] [--rounds 15]
+    python bench/interleaved.py [-n 10000] [--rounds 15] [--what unchanged|create]
 
 ``run.py`` measures our calls and the floor's seconds apart, so a slow phase of the
-machine can fall on one and not the other. Here one process takes a checkpoint, then
-alternates: an unchanged re-checkpoint, the floor's capture, an unchanged
-re-checkpoint, ... Printed: the ratio of the fastest of each, and the median of the
-ratios of each pair. Pinned to one CPU with its own ``redis-server``, as ``run.py`` is.
+machine can fall on one and not the other. Here one process alternates them:
+
+* ``unchanged`` (the default): it takes a checkpoint, then an unchanged
+  re-checkpoint, the floor's capture, an unchanged re-checkpoint, ...;
+* ``create``: a first create into a new SQLite store (the manager opened and the
+  durable rows written before the clock starts, as in ``run.py``), then the floor's
+  create of as many bytes into a new database, and again.
+
+Printed: the ratio of the fastest of each, and the median of the ratios of each pair.
+Pinned to one CPU with its own ``redis-server``, as ``run.py`` is.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 
 import redis
 import workload
-from floor import Floor
+from floor import Floor, fresh_db
 from run import pin, repopulate
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis
@@ -29,7 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--what", choices=("unchanged", "create"), default="unchanged")
     args = parser.parse_args()
+    if args.what == "create":
+        first_creates(args.n, args.rounds)
+        return
     variant = "lua-all" if args.n <= 10_000 else "scan+lua"  # the faster one, per run.py
     ours: list[float] = []
     floor: list[float] = []
@@ -54,10 +64,43 @@ def main() -> None:
                 reader.capture(variant)
                 floor.append(time.perf_counter() - start)
         client.close()
+    report(args.n, "unchanged re-checkpoint", ours, f"capture floor ({variant})", floor)
+
+
+def first_creates(n: int, rounds: int) -> None:
+    """A first create against the floor's create, alternately."""
+    variant = "lua-all" if n <= 10_000 else "scan+lua"
+    ours: list[float] = []
+    floor: list[float] = []
+    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-ab-") as tmp:
+        assert server.pid is not None
+        pin(server.pid)
+        client = redis.Redis.from_url(server.url)
+        repopulate(client, list(workload.generate(n)))
+        writer = Floor(client, workload.TASK_ID)
+        for i in range(rounds):
+            with CheckpointManager.open(server.url, f"sqlite:///{tmp}/ours-{i}.db") as manager:
+                workload.populate_durable(manager.durable, n)
+                gc.collect()
+                start = time.perf_counter()
+                made = manager.create_checkpoint(workload.TASK_ID)
+                ours.append(time.perf_counter() - start)
+            if made.key_count != n:
+                raise RuntimeError(f"the checkpoint holds {made.key_count} keys, not {n}")
+            db = fresh_db(f"{tmp}/floor-{i}.db")
+            gc.collect()
+            timing, _ = writer.create(variant, db, made.stored_bytes)
+            db.close()
+            floor.append(timing.create_s)
+        client.close()
+    report(n, "first create", ours, f"floor create ({variant})", floor)
+
+
+def report(n: int, what: str, ours: list[float], floor_what: str, floor: list[float]) -> None:
     paired = statistics.median(a / b for a, b in zip(ours, floor, strict=True))
     print(
-        f"N={args.n:,}, {args.rounds} rounds: unchanged re-checkpoint {min(ours) * 1000:.1f} ms, "
-        f"capture floor ({variant}) {min(floor) * 1000:.1f} ms; ratio of the fastest "
+        f"N={n:,}, {len(ours)} rounds: {what} {min(ours) * 1000:.1f} ms, "
+        f"{floor_what} {min(floor) * 1000:.1f} ms; ratio of the fastest "
         f"{min(ours) / min(floor):.3f}, median of the pairs {paired:.3f}"
     )
 
