@@ -22,6 +22,8 @@ import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 import workload
@@ -39,20 +41,40 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "create":
         first_creates(args.n, args.rounds)
-        return
-    variant = "lua-all" if args.n <= 10_000 else "scan+lua"  # the faster one, per run.py
-    ours: list[float] = []
-    floor: list[float] = []
+    else:
+        unchanged_recheckpoints(args.n, args.rounds)
+
+
+def _variant(n: int) -> str:
+    """The floor's faster variant at ``n`` keys, per run.py."""
+    return "lua-all" if n <= 10_000 else "scan+lua"
+
+
+@contextmanager
+def populated(n: int) -> Iterator[tuple[str, redis.Redis, str]]:
+    """``(url, client, temporary directory)`` of a private pinned redis-server holding
+    the workload's ``n`` keys."""
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-ab-") as tmp:
         assert server.pid is not None
         pin(server.pid)
         client = redis.Redis.from_url(server.url)
-        repopulate(client, list(workload.generate(args.n)))
+        try:
+            repopulate(client, list(workload.generate(n)))
+            yield server.url, client, tmp
+        finally:
+            client.close()
+
+
+def unchanged_recheckpoints(n: int, rounds: int) -> None:
+    """An unchanged re-checkpoint against the floor's capture, alternately."""
+    ours: list[float] = []
+    floor: list[float] = []
+    with populated(n) as (url, client, tmp):
         reader = Floor(client, workload.TASK_ID)
-        with CheckpointManager.open(server.url, f"sqlite:///{tmp}/ab.db") as manager:
-            workload.populate_durable(manager.durable, args.n)
+        with CheckpointManager.open(url, f"sqlite:///{tmp}/ab.db") as manager:
+            workload.populate_durable(manager.durable, n)
             first = manager.create_checkpoint(workload.TASK_ID)
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 gc.collect()
                 start = time.perf_counter()
                 same = manager.create_checkpoint(workload.TASK_ID)
@@ -61,25 +83,19 @@ def main() -> None:
                     raise RuntimeError("an unchanged re-checkpoint wrote a new checkpoint")
                 gc.collect()
                 start = time.perf_counter()
-                reader.capture(variant)
+                reader.capture(_variant(n))
                 floor.append(time.perf_counter() - start)
-        client.close()
-    report(args.n, "unchanged re-checkpoint", ours, f"capture floor ({variant})", floor)
+    report(n, "unchanged re-checkpoint", ours, f"capture floor ({_variant(n)})", floor)
 
 
 def first_creates(n: int, rounds: int) -> None:
     """A first create against the floor's create, alternately."""
-    variant = "lua-all" if n <= 10_000 else "scan+lua"
     ours: list[float] = []
     floor: list[float] = []
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-ab-") as tmp:
-        assert server.pid is not None
-        pin(server.pid)
-        client = redis.Redis.from_url(server.url)
-        repopulate(client, list(workload.generate(n)))
+    with populated(n) as (url, client, tmp):
         writer = Floor(client, workload.TASK_ID)
         for i in range(rounds):
-            with CheckpointManager.open(server.url, f"sqlite:///{tmp}/ours-{i}.db") as manager:
+            with CheckpointManager.open(url, f"sqlite:///{tmp}/ours-{i}.db") as manager:
                 workload.populate_durable(manager.durable, n)
                 gc.collect()
                 start = time.perf_counter()
@@ -89,11 +105,10 @@ def first_creates(n: int, rounds: int) -> None:
                 raise RuntimeError(f"the checkpoint holds {made.key_count} keys, not {n}")
             db = fresh_db(f"{tmp}/floor-{i}.db")
             gc.collect()
-            timing, _ = writer.create(variant, db, made.stored_bytes)
+            timing, _ = writer.create(_variant(n), db, made.stored_bytes)
             db.close()
             floor.append(timing.create_s)
-        client.close()
-    report(n, "first create", ours, f"floor create ({variant})", floor)
+    report(n, "first create", ours, f"floor create ({_variant(n)})", floor)
 
 
 def report(n: int, what: str, ours: list[float], floor_what: str, floor: list[float]) -> None:
