@@ -147,3 +147,23 @@ def test_large_task_with_a_stream_that_expires_recovers(
     assert result.success and result.keys_restored == 61
     assert task_state(client, prefix) == before
     assert 0 < client.pttl(events) <= 600_000
+
+
+def test_a_streamed_keyframe_cuts_its_chunks_where_a_whole_one_does(
+    streamed: CheckpointManager, redis_url: str, layout: KeyLayout, tmp_path: Any
+) -> None:
+    """A task crossing ``stream_min_keys`` keeps its chunk names: the streamed create
+    cuts where a whole keyframe does (a key whose CRC32 ends in ten zero bits, or 1 MiB),
+    though it reads the keys a batch at a time."""
+    client = streamed.runtime.client
+    write_state(client, layout, "big", _state(3_000))
+    client.set(layout.key("agent", "big", "large"), b"x" * (1_200_000))  # cut by size too
+    taken = streamed.create_checkpoint("big")
+    with CheckpointManager.open(
+        redis_url, f"sqlite:///{tmp_path}/whole.db", layout=layout
+    ) as whole:
+        frame = whole.create_checkpoint("big")
+        assert frame.point_in_time and not taken.point_in_time
+        chunks = [d for k, d in whole.store.manifest(frame.checkpoint_id) if k == "base"]
+    assert len(chunks) >= 4
+    assert [d for k, d in streamed.store.manifest(taken.checkpoint_id) if k == "base"] == chunks

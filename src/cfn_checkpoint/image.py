@@ -45,9 +45,9 @@ from .errors import CorruptCheckpointError, UnreadableFormatError
 from .model import FORMAT_VERSION, RedisType, RuntimeEntry
 
 #: A base chunk ends after a key whose CRC32 has these low bits all zero (~1,024 keys).
-_CHUNK_MASK = 0x3FF
+CHUNK_MASK = 0x3FF
 #: ... or once it holds this many bytes.
-_CHUNK_MAX_BYTES = 1 << 20
+CHUNK_MAX_BYTES = 1 << 20
 #: A delta larger than this share of the task's keys makes a new keyframe instead.
 MAX_DELTA_SHARE = 0.25
 #: An expiry instant that moved by more than this is a change (a renewed TTL); less is
@@ -304,11 +304,11 @@ class Keyframe:
 
 
 def _chunks(keys: list[bytes], rows: list[bytes]) -> Iterator[bytes]:
-    """``rows`` cut after each key whose CRC32 has the low bits of :data:`_CHUNK_MASK` all
-    zero, or once a chunk holds :data:`_CHUNK_MAX_BYTES`: the same cuts for the same keys,
+    """``rows`` cut after each key whose CRC32 has the low bits of :data:`CHUNK_MASK` all
+    zero, or once a chunk holds :data:`CHUNK_MAX_BYTES`: the same cuts for the same keys,
     so unchanged chunks keep their names from one keyframe to the next. Each chunk comes
     as its rows joined (joined first: the size check is then free)."""
-    crc32, mask = zlib.crc32, _CHUNK_MASK
+    crc32, mask = zlib.crc32, CHUNK_MASK
     cuts = [i + 1 for i, key in enumerate(keys) if not crc32(key) & mask]
     if not cuts or cuts[-1] != len(keys):
         cuts.append(len(keys))
@@ -316,13 +316,13 @@ def _chunks(keys: list[bytes], rows: list[bytes]) -> Iterator[bytes]:
     for end in cuts:
         chunk = rows[start:end]
         raw = b"".join(chunk)
-        if len(raw) >= _CHUNK_MAX_BYTES:  # rare: cut by size as well
+        if len(raw) >= CHUNK_MAX_BYTES:  # rare: cut by size as well
             part: list[bytes] = []
             size = 0
             for row in chunk:
                 part.append(row)
                 size += len(row)
-                if size >= _CHUNK_MAX_BYTES:
+                if size >= CHUNK_MAX_BYTES:
                     yield b"".join(part)
                     part, size = [], 0
             raw = b"".join(part)

@@ -22,14 +22,11 @@ from .contents import check_format
 from .durable.schema import SKILL_TABLE
 from .durable.sql import utcnow
 from .errors import CorruptCheckpointError, RestoreError
-from .image import entry_of, row_digester
+from .image import CHUNK_MASK, CHUNK_MAX_BYTES, entry_of, row_digester
 from .model import CheckpointMetadata, CheckpointStatus, RuntimeEntry
 
 if TYPE_CHECKING:
     from .manager import CheckpointManager
-
-_CHUNK_MASK = 0x3FF
-_CHUNK_MAX_BYTES = 1 << 20
 
 
 class _Same(Exception):
@@ -87,7 +84,7 @@ def create_streamed(
                         expiring.append([key, captured_at + pttl])
                     chunk.append(row)
                     size += len(row)
-                    if (zlib.crc32(key) & _CHUNK_MASK) == 0 or size >= _CHUNK_MAX_BYTES:
+                    if (zlib.crc32(key) & CHUNK_MASK) == 0 or size >= CHUNK_MAX_BYTES:
                         flush(db)
                         size = 0
             if chunk:
