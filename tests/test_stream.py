@@ -165,5 +165,5 @@ def test_a_streamed_keyframe_cuts_its_chunks_where_a_whole_one_does(
         frame = whole.create_checkpoint("big")
         assert frame.point_in_time and not taken.point_in_time
         chunks = [d for k, d in whole.store.manifest(frame.checkpoint_id) if k == "base"]
-    assert len(chunks) >= 4
+    assert len(chunks) >= 2  # by CRC (how many depends on the layout's key names) and size
     assert [d for k, d in streamed.store.manifest(taken.checkpoint_id) if k == "base"] == chunks
