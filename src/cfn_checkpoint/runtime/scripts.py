@@ -17,12 +17,12 @@ from __future__ import annotations
 #: for a key of another type, and only those need a TYPE. Measured at 10,000 keys, that
 #: takes 16% off the script (47.6 -> 39.8 ms), a TYPE and a GET call fewer a string. A
 #: Redis user denied MGET (an ACL) is read key by key instead, with TYPE and GET: the
-#: first MGET tells, and is not sent again. value is
-#: a bulk string (string; DUMP payload, type ``dump:<its type>``, for any type other
-#: than string/list/hash/set/zset) or a flat array (list items; set members, sorted;
-#: hash field, value, ... sorted by field; zset member, score, ... in rank order). The
-#: native type rides in the type of the few DUMP keys rather than as a fifth item (nil
-#: for all the others): measured at 10,000 keys, 4% off the script and its parsing.
+#: first MGET tells, and is not sent again. value is a bulk string (string; DUMP
+#: payload, type ``dump:<its type>``, for any type other than string/list/hash/set/zset)
+#: or a flat array (list items; set members, sorted; hash field, value, ... sorted by
+#: field; zset member, score, ... in rank order). The native type rides in the type of
+#: the few DUMP keys rather than as a fifth item (nil for all the others): measured at
+#: 10,000 keys, 4% off the script and its parsing.
 #: expiry is the instant the key expires, in ms on the server clock (-1: none), so an
 #: unchanged key reads the same every time. The client packs each key into its row and
 #: hashes it: measured here, packing and hashing in Lua (its cmsgpack and SHA-1) cost
