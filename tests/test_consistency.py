@@ -113,6 +113,107 @@ def test_large_database_path_scans_from_the_client_and_stays_exact(
     assert task_state(client, prefix) == before
 
 
+class _WriterBeforeRestore(RedisRuntime):
+    """A runtime whose every RESTORE script is preceded by another client creating a key
+    of task ``t``: a writer in the last moment before the write, after anything the
+    recovery could have listed."""
+
+    def __init__(self, client: redis.Redis, writer: redis.Redis, late: bytes) -> None:
+        super().__init__(client, scan_in_script_max_keys=0)  # any database counts as large
+        script = self._restore
+
+        def run(keys: list[bytes], args: list[object]) -> object:
+            writer.set(late, b"created meanwhile")
+            return script(keys=keys, args=args)
+
+        self._restore = run  # type: ignore[assignment]
+
+
+def test_a_key_created_just_before_the_restore_writes_does_not_survive() -> None:
+    """On a database of any size the restore finds the task's keys inside its script,
+    so a key created after the recovery started is gone with the rest (a listing taken
+    first would have missed it, leaving it beside keys restored from another moment)."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        writer = redis.Redis.from_url(server.url)
+        try:
+            client.mset({layout.key("agent", f"other-{i}", "k"): b"kept" for i in range(50)})
+            kept = layout.key("agent", "t", "kept")
+            client.set(kept, b"old")
+            now = RedisRuntime(client).server_time_ms()
+            entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
+            late = layout.key("signal", "t", "late")
+            runtime = _WriterBeforeRestore(client, writer, late)
+            stats = runtime.restore("t", entries, now)
+            assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 1, True)
+            assert client.get(kept) == b"restored" and not client.exists(late)
+            assert len(runtime.task_keys("other-7")) == 1 and client.dbsize() == 51
+        finally:
+            writer.close()
+            client.close()
+
+
+def test_a_task_too_large_for_one_restore_script_is_written_in_batches() -> None:
+    """The in-script scan counts the task's keys not in the checkpoint before writing:
+    more than ``atomic_max_keys`` allows and nothing is written by it; the task is then
+    written in batches and the result says it was not atomic."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(30)})
+            kept = layout.key("agent", "t", "kept")
+            runtime = RedisRuntime(client)
+            entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
+            now = runtime.server_time_ms()
+            stats = runtime.restore("t", entries, now, atomic_max_keys=20, batch_keys=7)
+            assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 30, False)
+            assert runtime.task_keys("t") == [kept]
+            client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(19)})
+            stats = runtime.restore("t", entries, now, atomic_max_keys=20)
+            assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 19, True)
+            assert runtime.task_keys("t") == [kept]
+        finally:
+            client.close()
+
+
+class _KeysKeepAppearing(RedisRuntime):
+    """A runtime whose every listing of task ``t`` is followed by a new key of it."""
+
+    def __init__(self, client: redis.Redis, layout: KeyLayout) -> None:
+        super().__init__(client, scan_in_script_max_keys=0)
+        self.created = 0
+        self._layout = layout
+
+    def task_keys(self, task_id: str) -> list[bytes]:
+        listed = super().task_keys(task_id)
+        self.created += 1
+        self.client.set(self._layout.key("queue", "t", f"new-{self.created}"), b"x")
+        return listed
+
+
+def test_a_task_whose_keys_keep_appearing_is_still_read_at_one_instant() -> None:
+    """When every second listing finds a key the read missed, the capture gives up
+    listing from the client and reads with one script that finds the keys itself:
+    point in time, rather than a task under ``atomic_max_keys`` read in batches."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.mset({layout.key("agent", "t", f"a{i}"): b"v" for i in range(20)})
+            client.mset({layout.key("agent", f"other-{i}", "k"): b"v" for i in range(100)})
+            runtime = _KeysKeepAppearing(client, layout)
+            snapshot = runtime.capture("t", expected_keys=20)
+            assert snapshot.point_in_time
+            assert runtime.created >= 3  # the listings did run, and kept failing
+            assert [e.key for e in snapshot.entries] == sorted(
+                client.scan_iter(match=b"*:t:*", count=1_000)
+            )
+        finally:
+            client.close()
+
+
 def _scan_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats").get("cmdstat_scan", {})
     return int(stats.get("calls", 0))

@@ -194,7 +194,8 @@ class RedisRuntime:
         script finds the keys (SCAN) and reads them: a true point-in-time read, even
         with writers creating keys meanwhile. On larger databases the keys are found
         with SCAN from the client, read in one script, and a second SCAN checks that
-        no key appeared in between (the read is repeated if one did). A task larger
+        no key appeared in between (the read is repeated if one did; after three tries
+        the in-script scan reads it after all). A task larger
         than ``atomic_max_keys`` is read in batches and marked not point-in-time.
 
         On a Redis Cluster no script may scan, so the keys are always listed first.
@@ -250,6 +251,14 @@ class RedisRuntime:
             if set(later) <= set(keys):
                 return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)
             keys = sorted(set(keys) | set(later))
+        else:
+            if not self.cluster and len(keys) <= atomic_max_keys:
+                # Keys kept appearing between the listings: one script finds and reads
+                # them (blocking Redis for a scan of the database) rather than read a
+                # task of this size in batches.
+                found = self._scan_read(task_id, atomic_max_keys)
+                if found is not None:
+                    return Snapshot(task_id, found[1], found[0], True, version)
         batches: list[Any] = []
         clock = 0
         if not self.cluster:
@@ -398,7 +407,8 @@ class RedisRuntime:
         """Make the task's keys exactly ``entries``: others of the task are removed.
 
         Atomic (one Lua script) when the keys involved number at most
-        ``atomic_max_keys``; in batches otherwise. On a Redis Cluster under the cluster
+        ``atomic_max_keys``; in batches otherwise. On one server that script finds the
+        task's keys itself (SCAN), on a database of any size. On a Redis Cluster under the cluster
         layout the script also checks that no key of the task appeared since the keys
         were listed (else they are listed again, up to three times, and nothing is
         written until the list is whole); under the reference layout the task is
@@ -426,14 +436,13 @@ class RedisRuntime:
                 )
         writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
         self.check_dumps(task_id, [entry for entry, _ in writes])
-        if (
-            not self.cluster
-            and len(writes) <= atomic_max_keys
-            and self._small_database(len(writes))
-        ):
-            # Stale keys are found by the script itself: nothing created meanwhile survives.
-            written, removed, _ = self._write([], writes, scan_task=task_id)
-            return RestoreStats(written, removed, len(lapsed), True)
+        if not self.cluster and len(writes) <= atomic_max_keys:
+            # Stale keys are found by the script itself, whatever the database's size:
+            # listing them first would let a key created between the listing and the
+            # write survive, next to keys restored from another moment.
+            done = self._write_scanning(task_id, writes, atomic_max_keys - len(writes))
+            if done is not None:
+                return RestoreStats(*done, len(lapsed), True)
         keep = {entry.key for entry, _ in writes}
         stale = [key for key in self.task_keys(task_id) if key not in keep]
         for _ in range(_SLOT_ATTEMPTS if self.cluster else 1):
@@ -547,7 +556,6 @@ class RedisRuntime:
         stale: Sequence[bytes],
         writes: Sequence[tuple[RuntimeEntry, int]],
         *,
-        scan_task: str | None = None,
         guard_task: str | None = None,
     ) -> tuple[int, int, set[bytes]]:
         """Delete ``stale`` and write ``writes`` in one RESTORE script, or on a cluster one
@@ -558,10 +566,7 @@ class RedisRuntime:
         for dropped, written in self._split_by_slot(stale, writes):
             with gc_paused():
                 args: list[Any] = [len(dropped), _SPEC_PACKER.pack(_specs(written))]
-            if scan_task is not None:
-                args.extend(("scan", self.layout.scan_pattern(scan_task), _SCRIPT_SCAN_COUNT))
-                args.extend(self.layout.task_prefixes(scan_task))
-            elif guard_task is not None:
+            if guard_task is not None:
                 args.append("slot")
                 args.extend(self.layout.task_prefixes(guard_task))
             calls.append(([*dropped, *(entry.key for entry, _ in written)], args))
@@ -574,6 +579,21 @@ class RedisRuntime:
         if missed:
             return 0, 0, missed
         return sum(int(w) for w, _ in answers), sum(int(r) for _, r in answers), set()
+
+    def _write_scanning(
+        self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]], max_extra: int
+    ) -> tuple[int, int] | None:
+        """On one server, write ``writes`` in one RESTORE script that first deletes every
+        other key of ``task_id`` its own SCAN finds: ``(written, removed)``, or None, with
+        nothing written, when those other keys number more than ``max_extra``."""
+        pattern = self.layout.scan_pattern(task_id)
+        with gc_paused():
+            args: list[Any] = [0, _SPEC_PACKER.pack(_specs(writes))]
+        args.extend(("scan", pattern, _SCRIPT_SCAN_COUNT, max_extra))
+        args.extend(self.layout.task_prefixes(task_id))
+        with redis_errors(f"writing the keys of task {task_id}", RestoreError):
+            written, removed = self._restore(keys=[entry.key for entry, _ in writes], args=args)
+        return None if int(written) == -2 else (int(written), int(removed))
 
     def _delete_keys(
         self, keys: Sequence[bytes], refused: type[CheckpointError] = StoreUnavailableError

@@ -257,8 +257,10 @@ return out
 #: on either side. ``how`` makes sure no
 #: key created since the caller listed the task's keys survives:
 #:
-#: * ``scan, pattern, scan_count, prefix1, prefix2, ...`` (one server): every key of the
-#:   task an in-script SCAN finds is deleted first too;
+#: * ``scan, pattern, scan_count, max_extra, prefix1, prefix2, ...`` (one server): every
+#:   key of the task an in-script SCAN finds is deleted first too; if more than
+#:   ``max_extra`` of them are not keys to write, nothing is written and ``{-2, their
+#:   number}`` is returned (the task is too large for one script);
 #: * ``slot, prefix1, prefix2, ...`` (Redis Cluster, all KEYS in one slot): if the slot
 #:   holds keys of the task that are not in KEYS, nothing is written and
 #:   ``{-1, {key, ...}}`` is returned, for the caller to try again with them.
@@ -283,6 +285,19 @@ if ARGV[3] == 'slot' then
     return {-1, missed}
   end
 end
+local found = {}
+if ARGV[3] == 'scan' then
+  found = task_keys(ARGV[4], ARGV[5], 7)
+  local extra = 0
+  for _, key in ipairs(found) do
+    if not writing[key] then
+      extra = extra + 1
+    end
+  end
+  if extra > tonumber(ARGV[6]) then
+    return {-2, extra}
+  end
+end
 local removed = 0
 local function drop(key)
   if not writing[key] then
@@ -292,10 +307,8 @@ end
 for i = 1, ndel do
   drop(KEYS[i])
 end
-if ARGV[3] == 'scan' then
-  for _, key in ipairs(task_keys(ARGV[4], ARGV[5], 6)) do
-    drop(key)
-  end
+for _, key in ipairs(found) do
+  drop(key)
 end
 local commands = {list = 'RPUSH', set = 'SADD', hash = 'HSET', zset = 'ZADD'}
 -- Strings without a TTL (most keys) go in one MSET per 1,000. A Redis user denied MSET
