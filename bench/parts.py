@@ -60,6 +60,7 @@ def instrument() -> None:
     timed_part(contents_module, "decode_image", "decode rows")
     timed_part(RedisRuntime, "plan_ttls", "plan TTLs")
     timed_part(RedisRuntime, "_write", "restore specs and script")
+    timed_part(RedisRuntime, "_write_scanning", "restore specs and script")
 
 
 def best(runs: list[tuple[float, dict[str, float]]]) -> str:

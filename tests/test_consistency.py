@@ -118,8 +118,11 @@ class _WriterBeforeRestore(RedisRuntime):
     of task ``t``: a writer in the last moment before the write, after anything the
     recovery could have listed."""
 
-    def __init__(self, client: redis.Redis, writer: redis.Redis, late: bytes) -> None:
-        super().__init__(client, scan_in_script_max_keys=0)  # any database counts as large
+    def __init__(
+        self, client: redis.Redis, writer: redis.Redis, late: bytes, exact_scan: int
+    ) -> None:
+        # Any database is too large for the capture's in-script scan.
+        super().__init__(client, scan_in_script_max_keys=0, exact_scan_max_keys=exact_scan)
         script = self._restore
 
         def run(keys: list[bytes], args: list[object]) -> object:
@@ -130,9 +133,10 @@ class _WriterBeforeRestore(RedisRuntime):
 
 
 def test_a_key_created_just_before_the_restore_writes_does_not_survive() -> None:
-    """On a database of any size the restore finds the task's keys inside its script,
-    so a key created after the recovery started is gone with the rest (a listing taken
-    first would have missed it, leaving it beside keys restored from another moment)."""
+    """Up to ``exact_scan_max_keys`` keys in the database, far above the capture's
+    in-script limit, the restore finds the task's keys inside its script, so a key
+    created after the recovery started is gone with the rest. Above it the keys are
+    listed first, and such a key survives (the documented price of the limit)."""
     layout = KeyLayout()
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
@@ -140,15 +144,22 @@ def test_a_key_created_just_before_the_restore_writes_does_not_survive() -> None
         try:
             client.mset({layout.key("agent", f"other-{i}", "k"): b"kept" for i in range(50)})
             kept = layout.key("agent", "t", "kept")
-            client.set(kept, b"old")
             now = RedisRuntime(client).server_time_ms()
             entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
             late = layout.key("signal", "t", "late")
-            runtime = _WriterBeforeRestore(client, writer, late)
-            stats = runtime.restore("t", entries, now)
-            assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 1, True)
-            assert client.get(kept) == b"restored" and not client.exists(late)
-            assert len(runtime.task_keys("other-7")) == 1 and client.dbsize() == 51
+            for exact_scan, survives in ((51, False), (50, True)):
+                client.set(kept, b"old")
+                client.delete(late)
+                runtime = _WriterBeforeRestore(client, writer, late, exact_scan)
+                stats = runtime.restore("t", entries, now)
+                assert (stats.keys_written, stats.keys_removed, stats.atomic) == (
+                    1,
+                    0 if survives else 1,
+                    True,
+                )
+                assert client.get(kept) == b"restored"
+                assert client.exists(late) == survives
+                assert len(runtime.task_keys("other-7")) == 1
         finally:
             writer.close()
             client.close()
@@ -167,6 +178,9 @@ def test_a_task_too_large_for_one_restore_script_is_written_in_batches() -> None
             runtime = RedisRuntime(client)
             entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
             now = runtime.server_time_ms()
+            # The script counts 30 keys to delete, more than 20 - 1 allows: it writes nothing.
+            assert runtime._write_scanning("t", [(entries[0], -1)], 19) is None
+            assert len(runtime.task_keys("t")) == 30 and not client.exists(kept)
             stats = runtime.restore("t", entries, now, atomic_max_keys=20, batch_keys=7)
             assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 30, False)
             assert runtime.task_keys("t") == [kept]
@@ -178,38 +192,69 @@ def test_a_task_too_large_for_one_restore_script_is_written_in_batches() -> None
             client.close()
 
 
+class _Draining(RedisRuntime):
+    """A runtime whose listings of task ``t`` come after a consumer took 20 of its keys."""
+
+    def task_keys(self, task_id: str) -> list[bytes]:
+        self.client.delete(*(KeyLayout().key("queue", "t", f"n{i:03d}") for i in range(20)))
+        return super().task_keys(task_id)
+
+
+def test_a_restore_the_script_found_too_large_stays_batched() -> None:
+    """Once the script has found more keys than one script may take, the restore goes
+    in batches and says so, even if keys are deleted before it lists them: a listing
+    followed by one unguarded script would let a key created in between survive."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(30)})
+            kept = layout.key("agent", "t", "kept")
+            runtime = _Draining(client)
+            entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
+            stats = runtime.restore("t", entries, runtime.server_time_ms(), atomic_max_keys=20)
+            assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 10, False)
+            assert runtime.task_keys("t") == [kept]
+        finally:
+            client.close()
+
+
 class _KeysKeepAppearing(RedisRuntime):
     """A runtime whose every listing of task ``t`` is followed by a new key of it."""
 
-    def __init__(self, client: redis.Redis, layout: KeyLayout) -> None:
-        super().__init__(client, scan_in_script_max_keys=0)
+    def __init__(self, client: redis.Redis, layout: KeyLayout, exact_scan: int) -> None:
+        super().__init__(client, scan_in_script_max_keys=0, exact_scan_max_keys=exact_scan)
         self.created = 0
         self._layout = layout
 
     def task_keys(self, task_id: str) -> list[bytes]:
         listed = super().task_keys(task_id)
         self.created += 1
-        self.client.set(self._layout.key("queue", "t", f"new-{self.created}"), b"x")
+        name = f"new-{self.exact_scan_max_keys}-{self.created}"  # new for each runtime
+        self.client.set(self._layout.key("queue", "t", name), b"x")
         return listed
 
 
 def test_a_task_whose_keys_keep_appearing_is_still_read_at_one_instant() -> None:
     """When every second listing finds a key the read missed, the capture gives up
     listing from the client and reads with one script that finds the keys itself:
-    point in time, rather than a task under ``atomic_max_keys`` read in batches."""
+    point in time, rather than a task under ``atomic_max_keys`` read in batches. On a
+    database above ``exact_scan_max_keys`` it reads in batches and says so."""
     layout = KeyLayout()
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
         try:
             client.mset({layout.key("agent", "t", f"a{i}"): b"v" for i in range(20)})
             client.mset({layout.key("agent", f"other-{i}", "k"): b"v" for i in range(100)})
-            runtime = _KeysKeepAppearing(client, layout)
+            runtime = _KeysKeepAppearing(client, layout, 1_000)
             snapshot = runtime.capture("t", expected_keys=20)
             assert snapshot.point_in_time
             assert runtime.created >= 3  # the listings did run, and kept failing
             assert [e.key for e in snapshot.entries] == sorted(
                 client.scan_iter(match=b"*:t:*", count=1_000)
             )
+            runtime = _KeysKeepAppearing(client, layout, 100)
+            assert not runtime.capture("t", expected_keys=20).point_in_time
         finally:
             client.close()
 

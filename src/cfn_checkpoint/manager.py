@@ -244,7 +244,10 @@ class CheckpointManager:
                     embedded.stop()
                 raise
             runtime = RedisRuntime(
-                client, layout=layout, scan_in_script_max_keys=config.scan_in_script_max_keys
+                client,
+                layout=layout,
+                scan_in_script_max_keys=config.scan_in_script_max_keys,
+                exact_scan_max_keys=config.exact_scan_max_keys,
             )
             return runtime, embedded
 

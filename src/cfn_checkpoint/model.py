@@ -173,11 +173,18 @@ class CheckpointConfig:
     atomic_max_keys: int = 50_000
     #: Keys per server-side step when a task is larger than ``atomic_max_keys``.
     batch_keys: int = 1_000
-    #: On a database of at most this many keys, capture and restore find the task's keys
-    #: inside their Lua script: exactly point in time even while keys are being created,
-    #: at the price of blocking Redis for the scan (about 7 ms at 10,000 keys here). On a
-    #: larger database they SCAN from the client and check again after reading.
+    #: On a database of at most this many keys, a capture finds the task's keys inside
+    #: its Lua script: exactly point in time even while keys are being created, at the
+    #: price of blocking Redis for the scan (about 7 ms at 10,000 keys here). On a
+    #: larger database it SCANs from the client and checks again after reading (which
+    #: misses a key created and deleted again between the two listings).
     scan_in_script_max_keys: int = 10_000
+    #: On a database of at most this many keys, a restore finds the task's keys inside
+    #: its Lua script, so no key created while it runs survives it (as does a capture
+    #: whose listings kept finding new keys): it blocks Redis for the scan, about 0.5 s
+    #: at 1,000,000 keys here. On a larger database the keys are listed from the client
+    #: first, and a key created between that listing and the write survives.
+    exact_scan_max_keys: int = 1_000_000
     #: Tasks with more keys than this are checkpointed and recovered a batch at a time,
     #: in bounded memory (always a full keyframe, never point in time).
     stream_min_keys: int = 200_000

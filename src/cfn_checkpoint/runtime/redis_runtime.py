@@ -80,6 +80,7 @@ class RedisRuntime:
         layout: KeyLayout | None = None,
         scan_count: int = 10_000,
         scan_in_script_max_keys: int = 10_000,
+        exact_scan_max_keys: int = 1_000_000,
     ) -> None:
         """``layout`` defaults to the reference layout on one server and to the cluster
         layout (task in a hash tag) on a Redis Cluster."""
@@ -90,10 +91,14 @@ class RedisRuntime:
         #: SCAN's COUNT for listings from the client: each call walks about this many
         #: entries of the keyspace (a few ms of Redis at 10,000), so fewer round trips.
         self.scan_count = scan_count
-        #: Largest database (in keys) whose task keys capture and restore find with a SCAN
-        #: inside their Lua script. That scan walks the whole keyspace and blocks Redis
+        #: Largest database (in keys) whose task keys every capture finds with a SCAN
+        #: inside its Lua script. That scan walks the whole keyspace and blocks Redis
         #: meanwhile (about 0.5-0.75 us per key measured here: some 7 ms at 10,000 keys).
         self.scan_in_script_max_keys = scan_in_script_max_keys
+        #: Largest database whose whole keyspace a restore, or a capture whose listings
+        #: keep finding new keys, walks inside its script to be exact (0.5 s at 1,000,000
+        #: keys here). Above it they list the task's keys from the client first.
+        self.exact_scan_max_keys = exact_scan_max_keys
         self._capture = Script(client, scripts.CAPTURE)
         self._capture_scan = Script(client, scripts.CAPTURE_SCAN)
         self._restore = Script(client, scripts.RESTORE)
@@ -252,7 +257,7 @@ class RedisRuntime:
                 return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)
             keys = sorted(set(keys) | set(later))
         else:
-            if not self.cluster and len(keys) <= atomic_max_keys:
+            if not self.cluster and len(keys) <= atomic_max_keys and self._exact_scan():
                 # Keys kept appearing between the listings: one script finds and reads
                 # them (blocking Redis for a scan of the database) rather than read a
                 # task of this size in batches.
@@ -436,17 +441,19 @@ class RedisRuntime:
                 )
         writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
         self.check_dumps(task_id, [entry for entry, _ in writes])
-        if not self.cluster and len(writes) <= atomic_max_keys:
-            # Stale keys are found by the script itself, whatever the database's size:
-            # listing them first would let a key created between the listing and the
-            # write survive, next to keys restored from another moment.
+        too_large = len(writes) > atomic_max_keys
+        if not self.cluster and not too_large and self._exact_scan():
+            # Stale keys are found by the script itself: listing them first would let a
+            # key created between the listing and the write survive, next to keys
+            # restored from another moment.
             done = self._write_scanning(task_id, writes, atomic_max_keys - len(writes))
             if done is not None:
                 return RestoreStats(*done, len(lapsed), True)
+            too_large = True  # with the keys to delete; nothing was written
         keep = {entry.key for entry, _ in writes}
         stale = [key for key in self.task_keys(task_id) if key not in keep]
         for _ in range(_SLOT_ATTEMPTS if self.cluster else 1):
-            if len(stale) + len(writes) > atomic_max_keys or not self.point_in_time:
+            if too_large or len(stale) + len(writes) > atomic_max_keys or not self.point_in_time:
                 break
             if self.cluster and not stale and not writes:
                 return RestoreStats(0, 0, len(lapsed), True)  # nothing there, nothing to write
@@ -481,6 +488,11 @@ class RedisRuntime:
         small, or not much larger than the task (whose keys the script blocks Redis to
         read anyway)."""
         return size <= max(self.scan_in_script_max_keys, 2 * task_keys)
+
+    def _exact_scan(self) -> bool:
+        """Whether the database is small enough (``exact_scan_max_keys``) for a restore, or
+        a capture of a task whose keys keep appearing, to scan inside its script."""
+        return self.dbsize() <= self.exact_scan_max_keys
 
     def _small_database(self, task_keys: int = 0) -> bool:
         """:meth:`_scan_is_cheap` for the database's size now."""

@@ -114,8 +114,9 @@ end
 #: with one of ARGV[first], ARGV[first + 1], ... (the task's exact prefixes). SCAN may
 #: name a key twice (while Redis rehashes); the callers cope, which is cheaper than a Lua
 #: table of the keys seen (measured: about 1 us a key). It walks the whole keyspace
-#: inside the script, so it blocks Redis for as long: callers use it only on small
-#: databases.
+#: inside the script, so it blocks Redis for as long: callers use it only on databases
+#: below a limit (``scan_in_script_max_keys`` for a capture, ``exact_scan_max_keys`` for
+#: a restore).
 _TASK_KEYS = r"""
 local function task_keys(pattern, count, first)
   -- The prefixes have one or two lengths (agent/swarm/queue, lock): one lookup per
@@ -295,7 +296,18 @@ if ARGV[3] == 'scan' then
     end
   end
   if extra > tonumber(ARGV[6]) then
-    return {-2, extra}
+    -- SCAN may name a key twice (while Redis rehashes): count each once to be sure.
+    local seen = {}
+    extra = 0
+    for _, key in ipairs(found) do
+      if not writing[key] and not seen[key] then
+        seen[key] = true
+        extra = extra + 1
+      end
+    end
+    if extra > tonumber(ARGV[6]) then
+      return {-2, extra}
+    end
   end
 end
 local removed = 0
