@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
@@ -220,43 +222,89 @@ def test_a_restore_the_script_found_too_large_stays_batched() -> None:
 
 
 class _KeysKeepAppearing(RedisRuntime):
-    """A runtime whose every listing of task ``t`` is followed by a new key of it."""
+    """A runtime on which a key of task ``t`` is created just before each read of
+    listed keys (``before``), and deleted just after it unless ``keep``."""
 
-    def __init__(self, client: redis.Redis, layout: KeyLayout, exact_scan: int) -> None:
+    def __init__(
+        self, client: redis.Redis, exact_scan: int, *, reads: int = 1_000, keep: bool = True
+    ) -> None:
         super().__init__(client, scan_in_script_max_keys=0, exact_scan_max_keys=exact_scan)
-        self.created = 0
-        self._layout = layout
+        self.reads = 0
+        self._left = reads
+        self._keep = keep
 
-    def task_keys(self, task_id: str) -> list[bytes]:
-        listed = super().task_keys(task_id)
-        self.created += 1
-        name = f"new-{self.exact_scan_max_keys}-{self.created}"  # new for each runtime
-        self.client.set(self._layout.key("queue", "t", name), b"x")
-        return listed
+    def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
+        self.reads += 1
+        if self._left <= 0:
+            return super()._read(keys)
+        self._left -= 1
+        late = KeyLayout().key("queue", "t", f"new-{id(self)}-{self.reads}")
+        self.client.set(late, b"x")
+        try:
+            return super()._read(keys)
+        finally:
+            if not self._keep:
+                self.client.delete(late)
+
+
+def _task_and_others(client: redis.Redis) -> None:
+    """Task ``t`` of 20 keys in a database of 120: larger than a script may scan."""
+    layout = KeyLayout()
+    client.mset({layout.key("agent", "t", f"a{i}"): b"v" for i in range(20)})
+    client.mset({layout.key("agent", f"other-{i}", "k"): b"v" for i in range(100)})
 
 
 def test_a_task_whose_keys_keep_appearing_is_still_read_at_one_instant() -> None:
-    """When every second listing finds a key the read missed, the capture gives up
-    listing from the client and reads with one script that finds the keys itself:
-    point in time, rather than a task under ``atomic_max_keys`` read in batches. On a
+    """When each read of the listed keys misses a key created meanwhile, the capture
+    gives up after three and reads with one script that finds the keys itself: point
+    in time, rather than a task under ``atomic_max_keys`` read in batches. On a
     database above ``exact_scan_max_keys`` it reads in batches and says so."""
-    layout = KeyLayout()
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
         try:
-            client.mset({layout.key("agent", "t", f"a{i}"): b"v" for i in range(20)})
-            client.mset({layout.key("agent", f"other-{i}", "k"): b"v" for i in range(100)})
-            runtime = _KeysKeepAppearing(client, layout, 1_000)
+            _task_and_others(client)
+            runtime = _KeysKeepAppearing(client, 1_000)
             snapshot = runtime.capture("t", expected_keys=20)
-            assert snapshot.point_in_time
-            assert runtime.created >= 3  # the listings did run, and kept failing
+            assert snapshot.point_in_time and runtime.reads == 3
             assert [e.key for e in snapshot.entries] == sorted(
                 client.scan_iter(match=b"*:t:*", count=1_000)
             )
-            runtime = _KeysKeepAppearing(client, layout, 100)
+            runtime = _KeysKeepAppearing(client, 100)
             assert not runtime.capture("t", expected_keys=20).point_in_time
         finally:
             client.close()
+
+
+def test_a_key_that_lived_only_around_the_read_is_not_missed() -> None:
+    """A key created after the listing and deleted right after the read existed when
+    the read ran: a second listing could not see it, but Redis reports the change
+    (``CLIENT TRACKING``), so the read is made again, with it. A Redis user denied
+    ``CLIENT``, or the invalidation channel, falls back to listing again (and misses
+    it, the documented limit)."""
+    with EmbeddedRedis() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "noclient", "on", ">pw", "~*", "&*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "noclient", "-client")
+        admin.execute_command("ACL", "SETUSER", "nochannel", "on", ">pw", "~*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "nochannel", "resetchannels")
+        users = [
+            redis.Redis.from_url(server.url, username=u, password="pw")
+            for u in ("noclient", "nochannel")
+        ]
+        try:
+            _task_and_others(admin)
+            watched = _KeysKeepAppearing(admin, 1_000, reads=1, keep=False)
+            snapshot = watched.capture("t", expected_keys=20)
+            assert snapshot.point_in_time and watched.reads == 2
+            assert len(snapshot.entries) == 20  # the key was gone when it was read again
+            for user in users:
+                listed = _KeysKeepAppearing(user, 1_000, reads=1, keep=False)
+                snapshot = listed.capture("t", expected_keys=20)
+                assert snapshot.point_in_time and listed.reads == 1
+        finally:
+            for user in users:
+                user.close()
+            admin.close()
 
 
 def _scan_calls(client: redis.Redis) -> int:

@@ -102,14 +102,6 @@ def generation_of(layout: KeyLayout, task: str, entries: list[RuntimeEntry]) -> 
     return generation
 
 
-def exact_on_any_database(manager: CheckpointManager) -> None:
-    """Captures find the task's keys inside their script whatever else the shared
-    server holds. Above ``scan_in_script_max_keys`` keys are listed from the client, and
-    a key that a write creates and the next deletes between the two listings can be
-    missed (a documented limit): these writers do that many times a second."""
-    manager.runtime.scan_in_script_max_keys = 1_000_000
-
-
 def _worker(
     index: int, redis_url: str, db_url: str, layout: KeyLayout, start: Any, out: Any
 ) -> None:
@@ -118,7 +110,6 @@ def _worker(
     created: list[tuple[str, str]] = []
     try:
         with CheckpointManager.open(redis_url, db_url, layout=layout) as mgr:
-            exact_on_any_database(mgr)
             client = mgr.runtime.client
             start.wait(60)
             for op in range(OPS_PER_WORKER):
@@ -154,7 +145,6 @@ def _intervals_overlap(spans: list[tuple[datetime, datetime, str]]) -> list[str]
 def test_many_workers_create_and_recover_concurrently(
     redis_url: str, db_url: str, layout: KeyLayout, manager: CheckpointManager
 ) -> None:
-    exact_on_any_database(manager)
     client = manager.runtime.client
     for task in HOT:
         bulk = layout.key("agent", task, "bulk")

@@ -176,12 +176,12 @@ class CheckpointConfig:
     #: On a database of at most this many keys, a capture finds the task's keys inside
     #: its Lua script: exactly point in time even while keys are being created, at the
     #: price of blocking Redis for the scan (about 7 ms at 10,000 keys here). On a
-    #: larger database it SCANs from the client and checks again after reading (which
-    #: misses a key created and deleted again between the two listings).
+    #: larger database it SCANs from the client, while Redis reports the keys that
+    #: change meanwhile (``CLIENT TRACKING``), and reads again if it missed one.
     scan_in_script_max_keys: int = 10_000
     #: On a database of at most this many keys, a restore finds the task's keys inside
     #: its Lua script, so no key created while it runs survives it (as does a capture
-    #: whose listings kept finding new keys): it blocks Redis for the scan, about 0.5 s
+    #: whose reads keep missing new keys): it blocks Redis for the scan, about 0.5 s
     #: at 1,000,000 keys here. On a larger database the keys are listed from the client
     #: first, and a key created between that listing and the write survives.
     exact_scan_max_keys: int = 1_000_000

@@ -28,6 +28,7 @@ from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
+from .watch import KeyWatch
 
 __all__ = [
     "REDIS_ERRORS",
@@ -95,8 +96,8 @@ class RedisRuntime:
         #: inside its Lua script. That scan walks the whole keyspace and blocks Redis
         #: meanwhile (about 0.5-0.75 us per key measured here: some 7 ms at 10,000 keys).
         self.scan_in_script_max_keys = scan_in_script_max_keys
-        #: Largest database whose whole keyspace a restore, or a capture whose listings
-        #: keep finding new keys, walks inside its script to be exact (0.5 s at 1,000,000
+        #: Largest database whose whole keyspace a restore, or a capture whose reads
+        #: keep missing new keys, walks inside its script to be exact (0.5 s at 1,000,000
         #: keys here). Above it they list the task's keys from the client first.
         self.exact_scan_max_keys = exact_scan_max_keys
         self._capture = Script(client, scripts.CAPTURE)
@@ -198,9 +199,13 @@ class RedisRuntime:
         costs no more than the read that blocks Redis anyway), one Lua
         script finds the keys (SCAN) and reads them: a true point-in-time read, even
         with writers creating keys meanwhile. On larger databases the keys are found
-        with SCAN from the client, read in one script, and a second SCAN checks that
-        no key appeared in between (the read is repeated if one did; after three tries
-        the in-script scan reads it after all). A task larger
+        with SCAN from the client and read in one script, while Redis reports every
+        key changed under the task's prefixes from before the listing to after the read
+        (:class:`~cfn_checkpoint.runtime.watch.KeyWatch`): if one of them was not read,
+        the read is repeated with it too (after three tries the in-script scan reads
+        the task, up to ``exact_scan_max_keys``). A server or user that cannot watch
+        gets a second SCAN instead, blind to a key created and deleted between the
+        two listings. A task larger
         than ``atomic_max_keys`` is read in batches and marked not point-in-time.
 
         On a Redis Cluster no script may scan, so the keys are always listed first.
@@ -225,6 +230,29 @@ class RedisRuntime:
                 found = self._scan_read(task_id, atomic_max_keys)
                 if found is not None:
                     return Snapshot(task_id, found[1], found[0], True, version)
+        # On one server, every change under the task's prefixes from before the listing
+        # on is reported (a cluster checks its slot instead).
+        prefixes = self.layout.task_prefixes(task_id)
+        client = self.client
+        watch = None if isinstance(client, RedisCluster) else KeyWatch.open(client, prefixes)
+        try:
+            return self._capture_listed(
+                task_id, atomic_max_keys, batch_keys, version, scanned, watch
+            )
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _capture_listed(
+        self,
+        task_id: str,
+        atomic_max_keys: int,
+        batch_keys: int,
+        version: str,
+        scanned: bool,
+        watch: KeyWatch | None,
+    ) -> Snapshot:
+        """:meth:`capture` from the listing of the task's keys on."""
         keys = self.task_keys(task_id)
         if (
             not self.cluster
@@ -252,13 +280,20 @@ class RedisRuntime:
             if len(keys) > atomic_max_keys:
                 break
             now_ms, replies, steps = self._read(keys)
-            later = self.task_keys(task_id)
-            if set(later) <= set(keys):
+            later: set[bytes] | None = None
+            if watch is not None:
+                try:
+                    later = watch.changed()
+                except REDIS_ERRORS:
+                    watch = None  # the watch is lost: list the keys again instead
+            if later is None:
+                later = set(self.task_keys(task_id))
+            if later <= set(keys):
                 return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)
-            keys = sorted(set(keys) | set(later))
+            keys = sorted(set(keys) | later)
         else:
             if not self.cluster and len(keys) <= atomic_max_keys and self._exact_scan():
-                # Keys kept appearing between the listings: one script finds and reads
+                # Keys kept appearing after the listing: one script finds and reads
                 # them (blocking Redis for a scan of the database) rather than read a
                 # task of this size in batches.
                 found = self._scan_read(task_id, atomic_max_keys)
