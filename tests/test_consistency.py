@@ -167,18 +167,24 @@ def test_a_key_created_just_before_the_restore_writes_does_not_survive() -> None
             client.close()
 
 
+def _queue_of(client: redis.Redis, count: int) -> tuple[bytes, list[RuntimeEntry]]:
+    """Task ``t`` holding ``count`` queue keys (``n000``...), and a checkpoint of one
+    other key: ``(that key, the checkpoint's entries)``."""
+    layout = KeyLayout()
+    client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(count)})
+    kept = layout.key("agent", "t", "kept")
+    return kept, [RuntimeEntry(kept, RedisType.STRING, b"restored")]
+
+
 def test_a_task_too_large_for_one_restore_script_is_written_in_batches() -> None:
     """The in-script scan counts the task's keys not in the checkpoint before writing:
     more than ``atomic_max_keys`` allows and nothing is written by it; the task is then
     written in batches and the result says it was not atomic."""
-    layout = KeyLayout()
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
         try:
-            client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(30)})
-            kept = layout.key("agent", "t", "kept")
+            kept, entries = _queue_of(client, 30)
             runtime = RedisRuntime(client)
-            entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
             now = runtime.server_time_ms()
             # The script counts 30 keys to delete, more than 20 - 1 allows: it writes nothing.
             assert runtime._write_scanning("t", [(entries[0], -1)], 19) is None
@@ -186,7 +192,7 @@ def test_a_task_too_large_for_one_restore_script_is_written_in_batches() -> None
             stats = runtime.restore("t", entries, now, atomic_max_keys=20, batch_keys=7)
             assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 30, False)
             assert runtime.task_keys("t") == [kept]
-            client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(19)})
+            _queue_of(client, 19)
             stats = runtime.restore("t", entries, now, atomic_max_keys=20)
             assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 19, True)
             assert runtime.task_keys("t") == [kept]
@@ -206,14 +212,11 @@ def test_a_restore_the_script_found_too_large_stays_batched() -> None:
     """Once the script has found more keys than one script may take, the restore goes
     in batches and says so, even if keys are deleted before it lists them: a listing
     followed by one unguarded script would let a key created in between survive."""
-    layout = KeyLayout()
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
         try:
-            client.mset({layout.key("queue", "t", f"n{i:03d}"): b"new" for i in range(30)})
-            kept = layout.key("agent", "t", "kept")
+            kept, entries = _queue_of(client, 30)
             runtime = _Draining(client)
-            entries = [RuntimeEntry(kept, RedisType.STRING, b"restored")]
             stats = runtime.restore("t", entries, runtime.server_time_ms(), atomic_max_keys=20)
             assert (stats.keys_written, stats.keys_removed, stats.atomic) == (1, 10, False)
             assert runtime.task_keys("t") == [kept]
