@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -307,6 +308,137 @@ def test_a_key_that_lived_only_around_the_read_is_not_missed() -> None:
         finally:
             for user in users:
                 user.close()
+            admin.close()
+
+
+class _Hooked(RedisRuntime):
+    """A runtime (any database too large for the capture's in-script scan) that calls
+    ``after_listing`` after each listing of task keys and ``after_read`` after each
+    read of listed keys, counting both."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        after_listing: Callable[[int], None] = lambda n: None,
+        after_read: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        super().__init__(client, scan_in_script_max_keys=0)
+        self.listings = self.reads = 0
+        self._after_listing, self._after_read = after_listing, after_read
+
+    def task_keys(self, task_id: str) -> list[bytes]:
+        listed = super().task_keys(task_id)
+        self.listings += 1
+        self._after_listing(self.listings)
+        return listed
+
+    def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
+        read = super()._read(keys)
+        self.reads += 1
+        self._after_read(self.reads)
+        return read
+
+
+def test_a_key_created_after_the_listing_and_gone_after_the_read_is_read() -> None:
+    """The watch starts before the listing: a key created after the listing (kept past
+    the read, then deleted) is read, though neither listing could name it. So it is
+    with a client whose connections run health checks (the watch's must not: a check
+    would swallow a change and reconnect without the tracking)."""
+    layout = KeyLayout()
+    late = layout.key("signal", "t", "late")
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(f"{server.url}?health_check_interval=1")
+        try:
+            _task_and_others(client)
+
+            def create(n: int) -> None:
+                client.set(late, b"x")
+                time.sleep(1.2)  # longer than the health check interval
+
+            runtime = _Hooked(client, create, lambda n: client.delete(late))
+            snapshot = runtime.capture("t", expected_keys=20)
+            assert snapshot.point_in_time and (runtime.listings, runtime.reads) == (1, 1)
+            assert late in [e.key for e in snapshot.entries] and not client.exists(late)
+        finally:
+            client.close()
+
+
+def test_keys_that_come_and_go_during_the_listing_cost_no_second_read() -> None:
+    """Keys changed while the task is listed (here created and deleted again, and one
+    of the same name in another database: Redis tracks names, not databases) are read
+    with the listed ones; only a change while the read runs makes it try again."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        other_db = redis.Redis.from_url(server.url, db=1)
+        try:
+            _task_and_others(client)
+
+            def churn(n: int) -> None:
+                for i in range(5):
+                    client.set(layout.key("queue", "t", f"job-{i}"), b"x")
+                    client.delete(layout.key("queue", "t", f"job-{i}"))
+                other_db.set(layout.key("agent", "t", "elsewhere"), b"x")
+
+            runtime = _Hooked(client, churn)
+            snapshot = runtime.capture("t", expected_keys=20)
+            assert snapshot.point_in_time and (runtime.listings, runtime.reads) == (1, 1)
+            assert len(snapshot.entries) == 20
+        finally:
+            other_db.close()
+            client.close()
+
+
+def test_a_flush_during_the_capture_makes_it_list_again() -> None:
+    """A flush comes as a change naming no key (a replica loading its master's data
+    too): the watch cannot tell what changed after it, so the keys are listed again."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            _task_and_others(client)
+
+            def flush(n: int) -> None:
+                if n == 1:
+                    client.flushdb()
+                    _task_and_others(client)
+                    client.set(layout.key("agent", "t", "new"), b"x")
+
+            runtime = _Hooked(client, after_read=flush)
+            snapshot = runtime.capture("t", expected_keys=20)
+            assert snapshot.point_in_time and runtime.listings == 3
+            assert len(snapshot.entries) == 21
+        finally:
+            client.close()
+
+
+def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One connection serves the watches of successive captures, and goes with the
+    runtime. A user Redis refuses the watch is told once, in the log."""
+    with EmbeddedRedis() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.execute_command("ACL", "SETUSER", "nochannel", "on", ">pw", "~*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "nochannel", "resetchannels")
+        try:
+            _task_and_others(admin)
+            before = len(admin.client_list())
+            runtime = RedisRuntime(redis.Redis.from_url(server.url), scan_in_script_max_keys=0)
+            for _ in range(4):
+                assert runtime.capture("t", expected_keys=20).point_in_time
+            assert len(admin.client_list()) == before + 2  # the client's and the watch's
+            runtime.close()
+            assert len(admin.client_list()) == before
+            limited = redis.Redis.from_url(server.url, username="nochannel", password="pw")
+            runtime = RedisRuntime(limited, scan_in_script_max_keys=0)
+            with caplog.at_level("WARNING", logger="cfn_checkpoint.runtime.redis_runtime"):
+                for _ in range(3):
+                    assert runtime.capture("t", expected_keys=20).point_in_time
+            told = [r for r in caplog.records if "CLIENT TRACKING" in r.getMessage()]
+            assert len(told) == 1 and "permissions" in told[0].getMessage()
+            runtime.close()
+        finally:
             admin.close()
 
 

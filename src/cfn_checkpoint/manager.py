@@ -258,7 +258,7 @@ class CheckpointManager:
             # Redis first: an unreachable server leaves no new database file behind.
             store = open_store(durable_url)
         except BaseException:
-            runtime.client.close()
+            runtime.close()
             if embedded is not None:
                 embedded.stop()
             raise
@@ -269,7 +269,7 @@ class CheckpointManager:
         for scheduler in self._schedulers:
             scheduler.stop()
         if self._runtime is not None:
-            self._runtime.client.close()
+            self._runtime.close()
         self.store.close()
         if self._embedded is not None:
             self._embedded.stop()

@@ -11,6 +11,7 @@ point in time (the checkpoint says so) and such a restore is not atomic.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import lt, methodcaller
@@ -28,7 +29,9 @@ from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
-from .watch import KeyWatch
+from .watch import KeyWatch, WatchPool
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "REDIS_ERRORS",
@@ -100,6 +103,8 @@ class RedisRuntime:
         #: keep missing new keys, walks inside its script to be exact (0.5 s at 1,000,000
         #: keys here). Above it they list the task's keys from the client first.
         self.exact_scan_max_keys = exact_scan_max_keys
+        self._watches = None if isinstance(client, RedisCluster) else WatchPool(client)
+        self._watch_refusal_told = False
         self._capture = Script(client, scripts.CAPTURE)
         self._capture_scan = Script(client, scripts.CAPTURE_SCAN)
         self._restore = Script(client, scripts.RESTORE)
@@ -232,16 +237,30 @@ class RedisRuntime:
                     return Snapshot(task_id, found[1], found[0], True, version)
         # On one server, every change under the task's prefixes from before the listing
         # on is reported (a cluster checks its slot instead).
-        prefixes = self.layout.task_prefixes(task_id)
-        client = self.client
-        watch = None if isinstance(client, RedisCluster) else KeyWatch.open(client, prefixes)
+        watch = None
+        if self._watches is not None:
+            watch = self._watches.watch(self.layout.task_prefixes(task_id))
+            if watch is None and self._watches.refused and not self._watch_refusal_told:
+                self._watch_refusal_told = True
+                log.warning(
+                    "Redis refused CLIENT TRACKING (%s): captures on databases above "
+                    "scan_in_script_max_keys check with a second SCAN, which misses a key "
+                    "created and deleted between the two listings",
+                    self._watches.refused,
+                )
         try:
             return self._capture_listed(
                 task_id, atomic_max_keys, batch_keys, version, scanned, watch
             )
         finally:
-            if watch is not None:
-                watch.close()
+            if watch is not None and self._watches is not None:
+                self._watches.release(watch)
+
+    def close(self) -> None:
+        """Close the client and any connection kept for watching keys."""
+        if self._watches is not None:
+            self._watches.close()
+        self.client.close()
 
     def _capture_listed(
         self,
@@ -279,14 +298,17 @@ class RedisRuntime:
         for _ in range(0 if self.cluster and self.layout.cluster else _CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
                 break
-            now_ms, replies, steps = self._read(keys)
-            later: set[bytes] | None = None
             if watch is not None:
-                try:
-                    later = watch.changed()
-                except REDIS_ERRORS:
-                    watch = None  # the watch is lost: list the keys again instead
-            if later is None:
+                # Keys changed up to now (the listing included) are read too: only those
+                # that change while the read runs can make it try again.
+                before = watch.changes()
+                if before is not None and not before <= set(keys):
+                    keys = sorted(set(keys) | before)
+                    if len(keys) > atomic_max_keys:
+                        break
+            now_ms, replies, steps = self._read(keys)
+            later = None if watch is None else watch.changes()
+            if later is None:  # no watch, or it lost track: list the keys again
                 later = set(self.task_keys(task_id))
             if later <= set(keys):
                 return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)

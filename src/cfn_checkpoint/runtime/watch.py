@@ -1,22 +1,31 @@
 """Which keys of a task change while it is listed and read, on one Redis server.
 
 A task's keys are found with SCAN from the client on a database too large to scan
-inside a script. A second listing after the read catches keys created meanwhile,
+inside a script. A second listing after the read would catch keys created meanwhile,
 except one created after the first listing passed its place and deleted again before
 the second reached it: the read missed a key that existed when it ran. Redis can
 report every change under the task's prefixes instead (``CLIENT TRACKING`` in
-broadcast mode): a key that exists when the read runs either stood still since the
-watch began, and the listing, made after that, returned it (SCAN returns every key
-present for the whole walk), or it changed, and the watch names it.
+broadcast mode). With the changes up to just before the read added to the listed
+keys, a key that exists when the read runs was read: it stood still since the watch
+began, and the listing, made after that, returned it (SCAN returns every key present
+for the whole walk); or it changed before the read, and was added; or it changed
+during the read, and the sync after the read names it (the read is then repeated).
+
+Redis sends no change for a database replaced whole by ``SWAPDB``, nor for a write by
+a module that opts out of it; a flush, or a replica loading its master's data, comes
+as one message naming no key, after which the watch knows nothing more.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .connection import REDIS_ERRORS
 
@@ -24,60 +33,162 @@ from .connection import REDIS_ERRORS
 _CHANNEL = b"__redis__:invalidate"
 
 
+class WatchLost(redis.ConnectionError):
+    """The watch connection answered something a watch never gets: it is not used again."""
+
+
 class KeyWatch:
-    """Every key under some prefixes that is created, changed, deleted or expires from
-    :meth:`open` on, named by Redis on a connection of its own.
+    """Every key under some prefixes that changes (is created, written, deleted or
+    expires) while the watch is open, named by Redis on a connection of its own.
 
     That connection speaks RESP2, asks for broadcast invalidations of the prefixes
     redirected to itself (``CLIENT TRACKING ON REDIRECT <its id> BCAST PREFIX ...``)
-    and subscribes to them. Redis sends a change to it before the reply to any command
-    that connection sends later, so the keys :meth:`changed` returns include every
-    change made before it was called.
+    and subscribes to them. Redis sends a change made before it reads a command from
+    that connection ahead of the reply to that command, so :meth:`sync` returns every
+    change made before it was called (and perhaps a few made just after).
     """
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, own_id: int) -> None:
         self._connection = connection
-        self._seen: set[bytes] = set()
+        self._own_id = own_id
+        #: Set once the watch cannot tell what changed (see :meth:`changes`).
+        self.blind = False
+        #: Set once the connection failed: it is not used again.
+        self.broken = False
 
     @classmethod
-    def open(cls, client: redis.Redis, prefixes: Sequence[bytes]) -> KeyWatch | None:
-        """A watch of ``prefixes`` on ``client``'s server, or None if it cannot watch: a
-        user an ACL denies ``CLIENT TRACKING`` or the channel, or a proxy without it."""
+    def connect(cls, client: redis.Redis) -> KeyWatch | None:
+        """A watch connection to ``client``'s server, not yet watching; None if the
+        server cannot be reached for it."""
         pool = client.connection_pool
-        connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
-        args: list[Any] = []
-        for prefix in prefixes:
-            args += ["PREFIX", prefix]
+        options = {**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0}
+        # A silent reconnect would drop the tracking: a lost connection is an error.
+        options["retry"] = Retry(NoBackoff(), 0)
+        connection = pool.connection_class(**options)
         try:
             connection.connect()
             connection.send_command("CLIENT", "ID")
             own_id = connection.read_response()
-            connection.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", own_id, "BCAST", *args)
-            connection.read_response()
-            connection.send_command("SUBSCRIBE", _CHANNEL)
-            connection.read_response()
         except REDIS_ERRORS:
             connection.disconnect()
             return None
-        return cls(connection)
+        return cls(connection, int(own_id))
 
-    def changed(self) -> set[bytes]:
-        """The keys changed since the watch opened, up to this call (not to be changed).
+    def start(self, prefixes: Sequence[bytes]) -> None:
+        """Watch ``prefixes`` from now on (raises a redis-py error if Redis refuses:
+        an ACL denying ``CLIENT`` or the channel, for one)."""
+        args: list[Any] = ["CLIENT", "TRACKING", "ON", "REDIRECT", self._own_id, "BCAST"]
+        for prefix in prefixes:
+            args += ["PREFIX", prefix]
+        connection = self._connection
+        connection.send_command(*args)
+        connection.read_response()
+        connection.send_command("SUBSCRIBE", _CHANNEL)
+        reply = connection.read_response()
+        if not isinstance(reply, list) or reply[0] != b"subscribe":
+            raise WatchLost(f"unexpected reply to SUBSCRIBE: {reply!r}")
 
-        Raises a redis-py error if the connection is lost (Redis drops a subscriber
-        that falls too far behind, for one).
+    def sync(self) -> set[bytes] | None:
+        """The keys changed since the last sync (or since :meth:`start`), up to now.
+
+        None when Redis reported a change naming no key (a flush, or a replica loading
+        its master's data): from then on the watch cannot tell what changed. Raises a
+        redis-py error if the connection is lost (Redis drops a subscriber that falls
+        too far behind, for one).
         """
         token = secrets.token_hex(8).encode()
+        changed: set[bytes] | None = set()
         self._connection.send_command("PING", token)
         while True:
             message = self._connection.read_response()
+            if not isinstance(message, list) or len(message) < 2:
+                raise WatchLost(f"unexpected reply on the watch connection: {message!r}")
             if message[0] == b"pong" and message[1] == token:
-                return self._seen
-            if message[0] == b"message" and message[1] == _CHANNEL and message[2] is not None:
-                # None: the database was flushed. Every key there was then is gone, and
-                # each one created since comes in its own message.
-                self._seen.update(message[2])
+                return changed
+            if message[0] == b"message" and message[1] == _CHANNEL:
+                if message[2] is None:
+                    changed = None
+                elif changed is not None:
+                    changed.update(message[2])
+
+    def changes(self) -> set[bytes] | None:
+        """:meth:`sync`, or None, for good, from the first time it cannot tell (a flush,
+        or the connection lost)."""
+        if self.blind:
+            return None
+        try:
+            changed = self.sync()
+        except REDIS_ERRORS:
+            self.blind = self.broken = True
+            return None
+        if changed is None:
+            self.blind = True
+        return changed
+
+    def stop(self) -> None:
+        """Stop watching (the connection can start again); raises a redis-py error if the
+        connection cannot be reused."""
+        connection = self._connection
+        connection.send_command("UNSUBSCRIBE", _CHANNEL)
+        while True:  # changes sent meanwhile come first
+            reply = connection.read_response()
+            if not isinstance(reply, list):
+                raise WatchLost(f"unexpected reply to UNSUBSCRIBE: {reply!r}")
+            if reply[0] == b"unsubscribe":
+                break
+        connection.send_command("CLIENT", "TRACKING", "OFF")
+        connection.read_response()
 
     def close(self) -> None:
-        """Drop the connection (and with it the tracking)."""
+        """Drop the connection (and with it any tracking)."""
         self._connection.disconnect()
+
+
+class WatchPool:
+    """Watch connections to one server, one kept between uses (a TLS handshake per
+    capture would cost more than the watch saves on a mid-sized database)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._idle: KeyWatch | None = None
+        self._lock = threading.Lock()
+        #: Why the server refused the last watch, if it did (an ACL, most often).
+        self.refused: str | None = None
+
+    def watch(self, prefixes: Sequence[bytes]) -> KeyWatch | None:
+        """A watch of ``prefixes`` started now, or None if the server refuses one."""
+        with self._lock:
+            watch, self._idle = self._idle, None
+        if watch is None:
+            watch = KeyWatch.connect(self._client)
+            if watch is None:
+                return None
+        try:
+            watch.start(prefixes)
+        except REDIS_ERRORS as exc:
+            self.refused = str(exc)
+            watch.close()
+            return None
+        return watch
+
+    def release(self, watch: KeyWatch) -> None:
+        """Stop ``watch``; keep its connection for the next one if it still works."""
+        usable = not watch.broken
+        if usable:
+            try:
+                watch.stop()
+            except REDIS_ERRORS:
+                usable = False
+        if usable:
+            with self._lock:
+                if self._idle is None:
+                    self._idle = watch
+                    return
+        watch.close()
+
+    def close(self) -> None:
+        """Drop the idle connection."""
+        with self._lock:
+            watch, self._idle = self._idle, None
+        if watch is not None:
+            watch.close()
