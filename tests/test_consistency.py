@@ -412,6 +412,17 @@ def test_a_flush_during_the_capture_makes_it_list_again() -> None:
             client.close()
 
 
+def _named_clients(admin: redis.Redis, name: str, expected: int) -> int:
+    """Connections named ``name``, once Redis has seen closed ones go (it notices on
+    its next read of them; waits up to 5 s for ``expected``)."""
+    deadline = time.monotonic() + 5
+    while True:
+        count = sum(1 for c in admin.client_list() if c.get("name") == name)
+        if count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.02)
+
+
 def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -423,13 +434,13 @@ def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
         admin.execute_command("ACL", "SETUSER", "nochannel", "resetchannels")
         try:
             _task_and_others(admin)
-            before = len(admin.client_list())
-            runtime = RedisRuntime(redis.Redis.from_url(server.url), scan_in_script_max_keys=0)
+            named = redis.Redis.from_url(server.url, client_name="watched")
+            runtime = RedisRuntime(named, scan_in_script_max_keys=0)
             for _ in range(4):
                 assert runtime.capture("t", expected_keys=20).point_in_time
-            assert len(admin.client_list()) == before + 2  # the client's and the watch's
+            assert _named_clients(admin, "watched", 2) == 2  # the client's and the watch's
             runtime.close()
-            assert len(admin.client_list()) == before
+            assert _named_clients(admin, "watched", 0) == 0
             limited = redis.Redis.from_url(server.url, username="nochannel", password="pw")
             runtime = RedisRuntime(limited, scan_in_script_max_keys=0)
             with caplog.at_level("WARNING", logger="cfn_checkpoint.runtime.redis_runtime"):
