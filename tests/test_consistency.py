@@ -441,6 +441,18 @@ def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
             assert _named_clients(admin, "watched", 2) == 2  # the client's and the watch's
             runtime.close()
             assert _named_clients(admin, "watched", 0) == 0
+
+            def fail(n: int) -> None:
+                if n == 1:
+                    raise redis.ConnectionError("lost in the middle of a capture")
+
+            runtime = _Hooked(redis.Redis.from_url(server.url, client_name="watched"), fail)
+            with pytest.raises(redis.ConnectionError, match="middle of a capture"):
+                runtime.capture("t", expected_keys=20)
+            assert _named_clients(admin, "watched", 1) == 1  # the watch is not kept
+            assert runtime.capture("t", expected_keys=20).point_in_time
+            assert _named_clients(admin, "watched", 2) == 2
+            runtime.close()
             limited = redis.Redis.from_url(server.url, username="nochannel", password="pw")
             runtime = RedisRuntime(limited, scan_in_script_max_keys=0)
             with caplog.at_level("WARNING", logger="cfn_checkpoint.runtime.redis_runtime"):

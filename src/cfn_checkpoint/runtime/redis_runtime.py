@@ -252,6 +252,10 @@ class RedisRuntime:
             return self._capture_listed(
                 task_id, atomic_max_keys, batch_keys, version, scanned, watch
             )
+        except BaseException:
+            if watch is not None:
+                watch.broken = True  # it may hold a half-read reply: not kept
+            raise
         finally:
             if watch is not None and self._watches is not None:
                 self._watches.release(watch)

@@ -18,6 +18,7 @@ as one message naming no key, after which the watch knows nothing more.
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Sequence
@@ -152,12 +153,17 @@ class WatchPool:
         self._client = client
         self._idle: KeyWatch | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         #: Why the server refused the last watch, if it did (an ACL, most often).
         self.refused: str | None = None
 
     def watch(self, prefixes: Sequence[bytes]) -> KeyWatch | None:
         """A watch of ``prefixes`` started now, or None if the server refuses one."""
         with self._lock:
+            if self._pid != os.getpid():
+                # A forked child: the kept connection's socket is its parent's. Left
+                # alone, as redis-py leaves its pool's.
+                self._idle, self._pid = None, os.getpid()
             watch, self._idle = self._idle, None
         if watch is None:
             watch = KeyWatch.connect(self._client)
