@@ -452,7 +452,22 @@ def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
             assert _named_clients(admin, "watched", 1) == 1  # the watch is not kept
             assert runtime.capture("t", expected_keys=20).point_in_time
             assert _named_clients(admin, "watched", 2) == 2
+            # A kept connection the server dropped meanwhile is replaced, not taken for
+            # a refusal: the watch still names a key only it can see.
+            own = runtime.client.client_id()
+            for c in admin.client_list():
+                if c.get("name") == "watched" and int(c["id"]) != own:
+                    admin.client_kill_filter(_id=int(c["id"]))
+            late = KeyLayout().key("signal", "t", "late")
+            runtime._after_listing = lambda n: admin.set(late, b"x")
+            runtime._after_read = lambda n: admin.delete(late)
+            snapshot = runtime.capture("t", expected_keys=20)
+            assert late in [e.key for e in snapshot.entries]
+            assert runtime._watches is not None and runtime._watches.refused is None
             runtime.close()
+            runtime.capture("t", expected_keys=20)  # closed: no watch kept or made
+            assert _named_clients(admin, "watched", 1) == 1
+            runtime.client.close()
             limited = redis.Redis.from_url(server.url, username="nochannel", password="pw")
             runtime = RedisRuntime(limited, scan_in_script_max_keys=0)
             with caplog.at_level("WARNING", logger="cfn_checkpoint.runtime.redis_runtime"):
@@ -460,6 +475,8 @@ def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
                     assert runtime.capture("t", expected_keys=20).point_in_time
             told = [r for r in caplog.records if "CLIENT TRACKING" in r.getMessage()]
             assert len(told) == 1 and "permissions" in told[0].getMessage()
+            denied = [e for e in admin.acl_log() if e["username"] == "nochannel"]
+            assert [e["count"] for e in denied] == [1]  # asked once, not per capture
             runtime.close()
         finally:
             admin.close()

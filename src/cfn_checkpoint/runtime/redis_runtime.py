@@ -243,9 +243,10 @@ class RedisRuntime:
             if watch is None and self._watches.refused and not self._watch_refusal_told:
                 self._watch_refusal_told = True
                 log.warning(
-                    "Redis refused CLIENT TRACKING (%s): captures on databases above "
-                    "scan_in_script_max_keys check with a second SCAN, which misses a key "
-                    "created and deleted between the two listings",
+                    "Redis refused to report changed keys (CLIENT TRACKING and a "
+                    "subscription to __redis__:invalidate: %s): captures on databases "
+                    "above scan_in_script_max_keys check with a second SCAN, which misses "
+                    "a key created and deleted between the two listings",
                     self._watches.refused,
                 )
         try:

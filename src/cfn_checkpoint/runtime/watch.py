@@ -5,11 +5,13 @@ inside a script. A second listing after the read would catch keys created meanwh
 except one created after the first listing passed its place and deleted again before
 the second reached it: the read missed a key that existed when it ran. Redis can
 report every change under the task's prefixes instead (``CLIENT TRACKING`` in
-broadcast mode). With the changes up to just before the read added to the listed
-keys, a key that exists when the read runs was read: it stood still since the watch
-began, and the listing, made after that, returned it (SCAN returns every key present
-for the whole walk); or it changed before the read, and was added; or it changed
-during the read, and the sync after the read names it (the read is then repeated).
+broadcast mode). A sync just before the read adds the keys changed so far to the
+listed ones; a sync just after the read names every change made before the read (its
+PING is read in a later turn of Redis's event loop than the read, and each turn's
+changes are sent at its end). A key that exists when the read runs was then read: it
+stood still since the watch began, and the listing, made after that, returned it
+(SCAN returns every key present for the whole walk); or it changed, and one of the
+two syncs named it (if only the second, the read is repeated with it).
 
 Redis sends no change for a database replaced whole by ``SWAPDB``, nor for a write by
 a module that opts out of it; a flush, or a replica loading its master's data, comes
@@ -44,9 +46,10 @@ class KeyWatch:
 
     That connection speaks RESP2, asks for broadcast invalidations of the prefixes
     redirected to itself (``CLIENT TRACKING ON REDIRECT <its id> BCAST PREFIX ...``)
-    and subscribes to them. Redis sends a change made before it reads a command from
-    that connection ahead of the reply to that command, so :meth:`sync` returns every
-    change made before it was called (and perhaps a few made just after).
+    and subscribes to them. Redis sends the changes of each turn of its event loop at
+    the end of that turn, so :meth:`sync` returns every change made in a turn before
+    the one in which its PING is read; a change made in that same turn comes with the
+    next sync.
     """
 
     def __init__(self, connection: Any, own_id: int) -> None:
@@ -147,35 +150,55 @@ class KeyWatch:
 
 class WatchPool:
     """Watch connections to one server, one kept between uses (a TLS handshake per
-    capture would cost more than the watch saves on a mid-sized database)."""
+    capture would cost more than the watch saves on a mid-sized database).
+
+    A server that refuses a watch (an ACL denying ``CLIENT`` or the channel) is not
+    asked again by this pool: each refusal would add to its ACL log.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._idle: KeyWatch | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        #: Why the server refused the last watch, if it did (an ACL, most often).
+        self._closed = False
+        #: What the server answered when it refused a watch, if it did.
         self.refused: str | None = None
 
     def watch(self, prefixes: Sequence[bytes]) -> KeyWatch | None:
-        """A watch of ``prefixes`` started now, or None if the server refuses one."""
+        """A watch of ``prefixes`` started now, or None if there is none to be had."""
         with self._lock:
             if self._pid != os.getpid():
                 # A forked child: the kept connection's socket is its parent's. Left
                 # alone, as redis-py leaves its pool's.
                 self._idle, self._pid = None, os.getpid()
-            watch, self._idle = self._idle, None
-        if watch is None:
-            watch = KeyWatch.connect(self._client)
-            if watch is None:
+            if self._closed or self.refused is not None:
                 return None
+            kept, self._idle = self._idle, None
+        if kept is not None:
+            if self._started(kept, prefixes, kept=True):
+                return kept
+        fresh = KeyWatch.connect(self._client)
+        if fresh is not None and self._started(fresh, prefixes, kept=False):
+            return fresh
+        return None
+
+    def _started(self, watch: KeyWatch, prefixes: Sequence[bytes], *, kept: bool) -> bool:
+        """Start ``watch``; on failure close it and, if Redis refused it on a connection
+        just made, remember why."""
         try:
             watch.start(prefixes)
-        except REDIS_ERRORS as exc:
-            self.refused = str(exc)
+            return True
+        except redis.ResponseError as exc:
+            if not kept:
+                self.refused = str(exc)
+        except REDIS_ERRORS:
+            pass  # a kept connection the server dropped meanwhile (idle timeout, say)
+        except BaseException:
             watch.close()
-            return None
-        return watch
+            raise
+        watch.close()
+        return False
 
     def release(self, watch: KeyWatch) -> None:
         """Stop ``watch``; keep its connection for the next one if it still works."""
@@ -187,14 +210,15 @@ class WatchPool:
                 usable = False
         if usable:
             with self._lock:
-                if self._idle is None:
+                if self._idle is None and not self._closed:
                     self._idle = watch
                     return
         watch.close()
 
     def close(self) -> None:
-        """Drop the idle connection."""
+        """Drop the idle connection; watches in use are closed when released."""
         with self._lock:
+            self._closed = True
             watch, self._idle = self._idle, None
         if watch is not None:
             watch.close()
