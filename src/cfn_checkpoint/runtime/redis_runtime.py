@@ -305,7 +305,7 @@ class RedisRuntime:
                 break
             if watch is not None:
                 # Keys changed up to now (the listing included) are read too: only those
-                # that change while the read runs can make it try again.
+                # that change shortly before or while the read runs make it try again.
                 before = watch.changes()
                 if before is not None and not before <= set(keys):
                     keys = sorted(set(keys) | before)
