@@ -470,7 +470,7 @@ def test_the_watch_connection_is_kept_and_closed_with_the_runtime(
             runtime.client.close()
             limited = redis.Redis.from_url(server.url, username="nochannel", password="pw")
             runtime = RedisRuntime(limited, scan_in_script_max_keys=0)
-            with caplog.at_level("WARNING", logger="cfn_checkpoint.runtime.redis_runtime"):
+            with caplog.at_level("WARNING", logger="cfn_checkpoint.runtime.watch"):
                 for _ in range(3):
                     assert runtime.capture("t", expected_keys=20).point_in_time
             told = [r for r in caplog.records if "CLIENT TRACKING" in r.getMessage()]

@@ -11,7 +11,6 @@ point in time (the checkpoint says so) and such a restore is not atomic.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import lt, methodcaller
@@ -30,8 +29,6 @@ from ..model import RedisType, RuntimeEntry, TtlPolicy
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
 from .watch import KeyWatch, WatchPool
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "REDIS_ERRORS",
@@ -104,7 +101,6 @@ class RedisRuntime:
         #: keys here). Above it they list the task's keys from the client first.
         self.exact_scan_max_keys = exact_scan_max_keys
         self._watches = None if isinstance(client, RedisCluster) else WatchPool(client)
-        self._watch_refusal_told = False
         self._capture = Script(client, scripts.CAPTURE)
         self._capture_scan = Script(client, scripts.CAPTURE_SCAN)
         self._restore = Script(client, scripts.RESTORE)
@@ -240,15 +236,6 @@ class RedisRuntime:
         watch = None
         if self._watches is not None:
             watch = self._watches.watch(self.layout.task_prefixes(task_id))
-            if watch is None and self._watches.refused and not self._watch_refusal_told:
-                self._watch_refusal_told = True
-                log.warning(
-                    "Redis refused to report changed keys (CLIENT TRACKING and a "
-                    "subscription to __redis__:invalidate: %s): captures on databases "
-                    "above scan_in_script_max_keys check with a second SCAN, which misses "
-                    "a key created and deleted between the two listings",
-                    self._watches.refused,
-                )
         try:
             return self._capture_listed(
                 task_id, atomic_max_keys, batch_keys, version, scanned, watch
@@ -300,6 +287,7 @@ class RedisRuntime:
                     keys = sorted(set(keys) | read)  # keys of the task that came meanwhile
                     continue
                 return Snapshot(task_id, read, now_ms, True, version)
+        known = set(keys)
         for _ in range(0 if self.cluster and self.layout.cluster else _CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
                 break
@@ -307,17 +295,19 @@ class RedisRuntime:
                 # Keys changed up to now (the listing included) are read too: only those
                 # that change shortly before or while the read runs make it try again.
                 before = watch.changes()
-                if before is not None and not before <= set(keys):
-                    keys = sorted(set(keys) | before)
+                if before is not None and not before <= known:
+                    known |= before
+                    keys = sorted(known)
                     if len(keys) > atomic_max_keys:
                         break
             now_ms, replies, steps = self._read(keys)
             later = None if watch is None else watch.changes()
             if later is None:  # no watch, or it lost track: list the keys again
                 later = set(self.task_keys(task_id))
-            if later <= set(keys):
+            if later <= known:
                 return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)
-            keys = sorted(set(keys) | later)
+            known |= later
+            keys = sorted(known)
         else:
             if not self.cluster and len(keys) <= atomic_max_keys and self._exact_scan():
                 # Keys kept appearing after the listing: one script finds and reads
@@ -475,7 +465,8 @@ class RedisRuntime:
 
         Atomic (one Lua script) when the keys involved number at most
         ``atomic_max_keys``; in batches otherwise. On one server that script finds the
-        task's keys itself (SCAN), on a database of any size. On a Redis Cluster under the cluster
+        task's keys itself (SCAN) on a database of up to ``exact_scan_max_keys`` keys.
+        On a Redis Cluster under the cluster
         layout the script also checks that no key of the task appeared since the keys
         were listed (else they are listed again, up to three times, and nothing is
         written until the list is whole); under the reference layout the task is

@@ -20,6 +20,7 @@ as one message naming no key, after which the watch knows nothing more.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -31,6 +32,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .connection import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
 
 #: The channel Redis publishes invalidations on to a RESP2 connection redirected to it.
 _CHANNEL = b"__redis__:invalidate"
@@ -192,6 +195,13 @@ class WatchPool:
         except redis.ResponseError as exc:
             if not kept:
                 self.refused = str(exc)
+                log.warning(
+                    "Redis refused to report changed keys (CLIENT TRACKING and a "
+                    "subscription to __redis__:invalidate: %s): captures on databases "
+                    "above scan_in_script_max_keys check with a second SCAN, which misses "
+                    "a key created and deleted between the two listings",
+                    exc,
+                )
         except REDIS_ERRORS:
             pass  # a kept connection the server dropped meanwhile (idle timeout, say)
         except BaseException:
