@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -120,31 +119,39 @@ def test_delta_survives_cleanup_of_its_keyframe_checkpoint(
     seed=st.integers(min_value=0, max_value=2**32),
 )
 def test_keyframe_chunks_are_cut_where_a_row_by_row_walk_cuts(sizes: list[int], seed: int) -> None:
-    """Chunk names must not depend on how the cut is computed: a chunk ends after a key
-    whose CRC32 has its ten low bits zero, or once it holds 1 MiB."""
+    """Chunk names must not depend on how the cut is computed: a chunk ends after a row
+    whose digest begins with ten zero bits, or once it holds 1 MiB. The search over all
+    digests at once must find exactly the rows a walk row by row finds, however the
+    zero bytes fall (across two digests too)."""
     rng = random.Random(seed)
-    keys = []
-    for i in range(len(sizes)):
-        # About a third of the keys end a chunk, a fifth only just do not (bit 9 set).
-        low = rng.choice((0, 0, 0, 0x200, 0x200, None, None, None, None, None))
-        key = rng.randbytes(8) + str(i).encode()
-        while low is not None and zlib.crc32(key) & 0x3FF != low:
-            key = rng.randbytes(8) + str(i).encode()
-        keys.append(key)
-    keys = sorted(set(keys))
-    rows = [bytes(size) for size in sizes[: len(keys)]]
+    # Digests that end a chunk, that just do not (the second byte 64), and that hold
+    # zero bytes a search could match across a digest boundary.
+    starts = [b"\x00\x00", b"\x00\x3f", b"\x00\x40", b"\x01\x00", b"\x00\xff"]
+    ends = [b"", b"\x00", b"\x00\x00", b"\x00\x3f"]
+    digests = []
+    for _ in sizes:
+        head = rng.choice(starts) if rng.random() < 0.6 else rng.randbytes(2)
+        tail = rng.choice(ends)
+        digests.append(head + rng.randbytes(14 - len(tail)) + tail)
+    rows = [bytes(size) for size in sizes]
     expected: list[list[bytes]] = []
     chunk: list[bytes] = []
     size = 0
-    for key, row in zip(keys, rows, strict=True):
+    for digest, row in zip(digests, rows, strict=True):
         chunk.append(row)
         size += len(row)
-        if (zlib.crc32(key) & 0x3FF) == 0 or size >= 1 << 20:
+        if (digest[0] == 0 and digest[1] < 64) or size >= 1 << 20:
             expected.append(chunk)
             chunk, size = [], 0
     if chunk:
         expected.append(chunk)
-    assert list(image._chunks(keys, rows)) == [b"".join(c) for c in expected]
+    assert [image.ends_chunk(d) for d in digests] == [d[0] == 0 and d[1] < 64 for d in digests]
+    assert list(image._chunks(digests, rows)) == [b"".join(c) for c in expected]
+
+
+def test_keyframe_chunks_refuse_digests_of_another_width() -> None:
+    with pytest.raises(ValueError, match="16 bytes each"):
+        list(image._chunks([bytes(16), bytes(20)], [b"a", b"b"]))
 
 
 def _base(*rows: bytes) -> codec.Payload:

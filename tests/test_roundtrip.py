@@ -145,7 +145,7 @@ def test_a_key_an_in_script_scan_named_twice_is_kept_once() -> None:
     b = [b"agent:t:b", b"list", 5_000, [b"x"]]
     c = [b"agent:t:c", b"dump:stream", -1, b"\x0f payload"]
     once = packed_rows([*b, *a, *c], 1_000)
-    assert once.keys == [a[0], b[0], c[0]] and once.pttls == [-1, 4_000, -1]
+    assert once.keys == [a[0], b[0], c[0]] and once.expiries == [-1, 5_000, -1]
     assert [msgpack.unpackb(row, raw=True) for row in once.rows] == [
         [a[0], b"string", b"1", False, False],
         [b[0], b"list", [b"x"], True, False],
@@ -155,5 +155,7 @@ def test_a_key_an_in_script_scan_named_twice_is_kept_once() -> None:
         assert packed_rows(twice, 1_000) == once
     assert packed_rows([], 1_000) == ([], [], [], [])
     assert packed_rows([*a], 1_000).keys == [a[0]]
+    # An expiry the capture clock has reached leaves no TTL: the instant is that clock.
+    assert packed_rows([*b], 6_000).expiries == [6_000]
     with pytest.raises(ValueError, match="four items a key"):
         packed_rows([*a, b"x"], 1_000)

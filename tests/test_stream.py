@@ -153,7 +153,7 @@ def test_a_streamed_keyframe_cuts_its_chunks_where_a_whole_one_does(
     streamed: CheckpointManager, redis_url: str, layout: KeyLayout, tmp_path: Any
 ) -> None:
     """A task crossing ``stream_min_keys`` keeps its chunk names: the streamed create
-    cuts where a whole keyframe does (a key whose CRC32 ends in ten zero bits, or 1 MiB),
+    cuts where a whole keyframe does (a row whose digest begins with ten zero bits, or 1 MiB),
     though it reads the keys a batch at a time."""
     client = streamed.runtime.client
     write_state(client, layout, "big", _state(3_000))
@@ -165,5 +165,5 @@ def test_a_streamed_keyframe_cuts_its_chunks_where_a_whole_one_does(
         frame = whole.create_checkpoint("big")
         assert frame.point_in_time and not taken.point_in_time
         chunks = [d for k, d in whole.store.manifest(frame.checkpoint_id) if k == "base"]
-    assert len(chunks) >= 2  # by CRC (how many depends on the layout's key names) and size
+    assert len(chunks) >= 2  # by digest and by size
     assert [d for k, d in streamed.store.manifest(taken.checkpoint_id) if k == "base"] == chunks

@@ -11,7 +11,6 @@ Memory stays bounded by a batch and a chunk, plus the task's key names and TTLs.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ from .contents import check_format
 from .durable.schema import SKILL_TABLE
 from .durable.sql import utcnow
 from .errors import CorruptCheckpointError, RestoreError
-from .image import CHUNK_MASK, CHUNK_MAX_BYTES, entry_of, row_digester
+from .image import CHUNK_MAX_BYTES, ends_chunk, entry_of, row_digester
 from .model import CheckpointMetadata, CheckpointStatus, RuntimeEntry
 
 if TYPE_CHECKING:
@@ -75,16 +74,17 @@ def create_streamed(
     try:
         with store.atomic() as db:
             size = 0
-            for captured_at, packed in manager.runtime.read_batches(keys, cfg.batch_keys):
-                for key, digest, pttl, row in zip(*packed, strict=True):
+            for clock, packed in manager.runtime.read_batches(keys, cfg.batch_keys):
+                captured_at = clock  # the first batch's, for all
+                for key, digest, expiry, row in zip(*packed, strict=True):
                     runtime.update(digest)
                     count += 1
                     row_bytes += len(row)
-                    if pttl >= 0:
-                        expiring.append([key, captured_at + pttl])
+                    if expiry >= 0:
+                        expiring.append([key, expiry])
                     chunk.append(row)
                     size += len(row)
-                    if (zlib.crc32(key) & CHUNK_MASK) == 0 or size >= CHUNK_MAX_BYTES:
+                    if ends_chunk(digest) or size >= CHUNK_MAX_BYTES:
                         flush(db)
                         size = 0
             if chunk:
