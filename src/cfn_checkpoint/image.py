@@ -46,7 +46,7 @@ from .model import FORMAT_VERSION, RedisType, RuntimeEntry
 
 #: A base chunk ends after a row whose digest begins with ten zero bits (one row in
 #: 1,024): its first byte zero and its second below 64 (see :func:`ends_chunk`) ...
-_CUT = re.compile(rb"(?=\x00[\x00-\x3f])", re.DOTALL)  # lookahead: overlapping matches
+_CUT = re.compile(rb"\x00[\x00-\x3f]", re.DOTALL)
 #: ... or once it holds this many bytes.
 CHUNK_MAX_BYTES = 1 << 20
 #: A delta larger than this share of the task's keys makes a new keyframe instead.
@@ -323,7 +323,15 @@ def _chunks(digests: list[bytes], rows: list[bytes]) -> Iterator[bytes]:
     joined = b"".join(digests)
     if len(joined) != width * len(digests):
         raise ValueError(f"row digests are {width} bytes each")
-    cuts = [at // width + 1 for at in map(_start, _CUT.finditer(joined)) if not at % width]
+    cuts = []
+    for at in map(_start, _CUT.finditer(joined)):  # about one match in 110 digests
+        offset = at % width
+        if not offset:
+            cuts.append(at // width + 1)
+        elif offset == width - 1 and not joined[at + 1] and joined[at + 2] < 64:
+            # This match took the zero byte a digest begins with: a search resumes after
+            # a match (a lookahead finding every one cost ten times as much).
+            cuts.append(at // width + 2)
     if not cuts or cuts[-1] != len(rows):
         cuts.append(len(rows))
     start = 0
