@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import redis
 import workload
 from floor import Floor, fresh_db
-from run import pin, repopulate
+from run import connect, pin, repopulate
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis
 
@@ -97,6 +97,7 @@ def first_creates(n: int, rounds: int) -> None:
         for i in range(rounds):
             with CheckpointManager.open(url, f"sqlite:///{tmp}/ours-{i}.db") as manager:
                 workload.populate_durable(manager.durable, n)
+                connect(manager)
                 gc.collect()
                 start = time.perf_counter()
                 made = manager.create_checkpoint(workload.TASK_ID)

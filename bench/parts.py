@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 import workload
-from run import pin, repopulate
+from run import connect, pin, repopulate
 
 import cfn_checkpoint.contents as contents_module
 import cfn_checkpoint.image as image_module
@@ -88,6 +88,7 @@ def main() -> None:
             durable = f"sqlite:///{tmp}/parts-{rep}.db"
             with CheckpointManager.open(server.url, durable) as manager:
                 workload.populate_durable(manager.durable, args.n)
+                connect(manager)
                 PARTS.clear()
                 gc.collect()
                 start = time.perf_counter()
@@ -95,6 +96,7 @@ def main() -> None:
                 creates.append((time.perf_counter() - start, dict(PARTS)))
             client.flushall()
             with CheckpointManager.open(server.url, durable) as manager:
+                connect(manager)
                 PARTS.clear()
                 gc.collect()
                 start = time.perf_counter()
