@@ -1,9 +1,13 @@
-"""A store written by storage format 3, kept so that later versions prove they read it.
+"""Stores written by storage formats 3 and 4, kept so that later versions prove they read them.
 
 ``tests/data/format3.db`` was made by this module's ``main()`` with cfn-checkpoint at
 commit ff25efa (format 3: row digests are SHA-1 in hex), on Redis 7.0:
 
     python tests/format3_store.py tests/data/format3.db redis://127.0.0.1:6379/0
+
+``tests/data/format4.db`` was made the same way with cfn-checkpoint at commit 4e234e7
+(format 4: row digests are XXH3-128; keyframe chunks are named by the SHA-256 of their
+raw bytes), on Redis 7.0.
 
 It holds two checkpoints of task ``task-f3`` under the key prefix :data:`PREFIX`: a
 keyframe of :data:`FIRST`, then a delta to :data:`SECOND`. The TTLs are a century long

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 import redis
 
-from cfn_checkpoint import CheckpointManager, CorruptCheckpointError, KeyLayout
+from cfn_checkpoint import CheckpointManager, CorruptCheckpointError, KeyLayout, codec
 
 from conftest import task_state
 
@@ -182,3 +183,23 @@ def test_cleanup_keeps_the_intact_fallback_when_the_newest_is_damaged(
     manager.runtime.delete_task("t")
     assert manager.recover_from_checkpoint("t").checkpoint_id == old.checkpoint_id
     assert task_state(client, prefix) == state
+
+
+def test_a_payload_is_checked_against_the_name_it_was_given() -> None:
+    """Keyframe chunks are named by their compressed bytes, other payloads by their raw
+    ones; each verifies by its own rule, and bytes that fit neither are refused, even
+    a valid recompression of the right content under a name of compressed bytes."""
+    words = random.Random(7).choices([b"agent", b"done", b"queue", b"step", b"42"], k=20_000)
+    raw = b" ".join(words)
+    chunk = codec.stored_payload("base", raw, 1)
+    assert chunk.stored is not None and chunk.digest == codec.digest_of(chunk.stored)
+    assert codec.decompress_verified(chunk.digest, chunk.stored) == raw
+    other = codec.make_payload("durable", [["t", ["id"], [[1]]]])
+    assert other.stored is None
+    assert codec.decompress_verified(other.digest, codec.compress(other.raw, 3)) == other.raw
+    recompressed = codec.compress(raw, 19)
+    assert recompressed != chunk.stored
+    with pytest.raises(CorruptCheckpointError, match="does not match its content hash"):
+        codec.decompress_verified(chunk.digest, recompressed)
+    with pytest.raises(CorruptCheckpointError, match="does not match its content hash"):
+        codec.decompress_verified(other.digest, codec.compress(other.raw + b"x", 3))

@@ -1,7 +1,10 @@
 """Storage formats: a store written by an earlier format still verifies and recovers.
 
-``tests/data/format3.db`` was written by format 3 (see ``format3_store.py``); this
-version writes format 4, which differs only in how rows are digested.
+``tests/data/format3.db`` and ``tests/data/format4.db`` were written by formats 3 and 4
+(see ``format3_store.py``) with the same two checkpoints. This version writes format 5,
+which differs from 4 only in how keyframe chunks are named (the SHA-256 of their
+compressed bytes rather than of their raw ones); 4 differs from 3 only in how rows are
+digested.
 """
 
 from __future__ import annotations
@@ -15,14 +18,21 @@ from typing import Any
 import pytest
 import redis
 
-from cfn_checkpoint import CheckpointConfig, CheckpointManager, EmbeddedRedis, KeyLayout, image
+from cfn_checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    EmbeddedRedis,
+    KeyLayout,
+    codec,
+    image,
+)
 from cfn_checkpoint.errors import UnreadableFormatError
 from cfn_checkpoint.model import FORMAT_VERSION, READABLE_FORMATS
 
 from conftest import task_state, wipe
 from format3_store import FIRST, PREFIX, SECOND, TASK, write
 
-FIXTURE = Path(__file__).parent / "data" / "format3.db"
+DATA = Path(__file__).parent / "data"
 LAYOUT = KeyLayout(prefix=PREFIX)
 #: Small enough limits that the fixture's task (27 keys) takes the large-task paths.
 STREAMED = CheckpointConfig(stream_min_keys=5, atomic_max_keys=4, batch_keys=3)
@@ -42,11 +52,17 @@ def expected(state: dict[tuple[str, str], tuple[str, Any, int | None]]) -> dict[
     return out
 
 
+@pytest.fixture(params=[3, 4], ids=["format3", "format4"])
+def old_format(request: pytest.FixtureRequest) -> int:
+    """The storage format of the store :func:`store` copies."""
+    return int(request.param)
+
+
 @pytest.fixture()
-def store(tmp_path: Path) -> str:
-    """A copy of the format-3 store (tests may damage or add to it)."""
-    copy = tmp_path / "format3.db"
-    shutil.copy(FIXTURE, copy)
+def store(tmp_path: Path, old_format: int) -> str:
+    """A copy of a store an earlier format wrote (tests may damage or add to it)."""
+    copy = tmp_path / f"format{old_format}.db"
+    shutil.copy(DATA / f"format{old_format}.db", copy)
     return f"sqlite:///{copy}"
 
 
@@ -70,14 +86,15 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.mark.parametrize("config", [CheckpointConfig(), STREAMED], ids=["whole", "streamed"])
-def test_format3_checkpoints_verify_and_recover_exactly(
-    redis_url: str, store: str, client: redis.Redis, config: CheckpointConfig
+def test_older_checkpoints_verify_and_recover_exactly(
+    redis_url: str, store: str, old_format: int, client: redis.Redis, config: CheckpointConfig
 ) -> None:
     """Streamed (a large task's path), a keyframe's format-3 rows are digested the
-    format-3 way too; a delta is never streamed."""
+    format-3 way too; a delta is never streamed. Chunks named by their raw bytes
+    verify as such."""
     with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:
         first, second = sorted(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
-        assert (first.format_version, second.format_version) == (3, 3)
+        assert (first.format_version, second.format_version) == (old_format, old_format)
         assert [error for _, error in manager.verify_all(TASK)] == [None, None]
         for meta, state in ((first, FIRST), (second, SECOND)):  # a keyframe, then a delta
             wipe(client, PREFIX)
@@ -86,15 +103,15 @@ def test_format3_checkpoints_verify_and_recover_exactly(
             assert task_state(client, PREFIX) == expected(state)
 
 
-def test_the_next_checkpoint_after_format3_is_a_format4_keyframe(
+def test_the_next_checkpoint_after_an_older_format_is_a_new_keyframe(
     redis_url: str, store: str, client: redis.Redis
 ) -> None:
     with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
         first, newest = sorted(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
-        write(client, SECOND)  # the state of the newest (format 3) checkpoint
+        write(client, SECOND)  # the state of the newest (older format) checkpoint
         taken = manager.create_checkpoint(TASK)
-        # The same state, but a format-3 checkpoint is neither reused nor a delta's base:
-        # its row digests are not this format's.
+        # The same state, but an older checkpoint is neither reused nor a delta's base:
+        # its row digests or chunk names are not this format's.
         assert taken.checkpoint_id != newest.checkpoint_id
         assert taken.format_version == FORMAT_VERSION
         assert "delta" not in _kinds(manager, taken.checkpoint_id)
@@ -104,16 +121,26 @@ def test_the_next_checkpoint_after_format3_is_a_format4_keyframe(
         assert task_state(client, PREFIX) == expected(SECOND)
 
 
-def test_format4_rows_are_format3_rows_so_chunks_are_shared(
-    redis_url: str, store: str, client: redis.Redis
+def test_rows_stay_the_same_bytes_but_chunks_are_named_anew(
+    redis_url: str, store: str, old_format: int, client: redis.Redis
 ) -> None:
+    """Formats 3 to 5 pack rows alike: the raw chunks are equal, but a format-5 chunk
+    is named by its compressed bytes, so it is stored anew once."""
     with CheckpointManager.open(redis_url, store, layout=LAYOUT) as manager:
         first = min(manager.list_checkpoints(TASK), key=lambda m: m.created_at)
         write(client, FIRST)
         taken = manager.create_checkpoint(TASK)
-        assert taken.format_version == FORMAT_VERSION
-        assert _chunks(manager, taken.checkpoint_id) == _chunks(manager, first.checkpoint_id)
-        assert taken.runtime_state_hash != first.runtime_state_hash  # digested anew
+        assert taken.format_version == FORMAT_VERSION == 5
+        new, old = _chunks(manager, taken.checkpoint_id), _chunks(manager, first.checkpoint_id)
+        assert len(new) == len(old) == 1 and new != old
+        stored = manager.store.load_payloads(new + old)
+        assert codec.decompress_verified(new[0], stored[new[0]]) == codec.decompress_verified(
+            old[0], stored[old[0]]
+        )
+        assert codec.digest_of(stored[new[0]]) == new[0]
+        assert codec.digest_of(codec.decompress_verified(old[0], stored[old[0]])) == old[0]
+        # Format 4 digests rows as format 5 does; format 3 does not.
+        assert (taken.runtime_state_hash == first.runtime_state_hash) is (old_format == 4)
 
 
 def _kinds(manager: CheckpointManager, checkpoint_id: str) -> list[str]:
@@ -140,7 +167,7 @@ def test_a_format_this_version_cannot_read_is_named_and_not_fallen_back_from(
     db.close()
     unreadable = (
         f"checkpoint {newest.checkpoint_id} uses storage format 9; this version reads "
-        "formats 3 and 4"
+        "formats 3, 4 and 5"
     )
     for config in (CheckpointConfig(), STREAMED):
         with CheckpointManager.open(redis_url, store, layout=LAYOUT, config=config) as manager:

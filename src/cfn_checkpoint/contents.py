@@ -59,7 +59,8 @@ def verify_contents(
 def check_format(meta: CheckpointMetadata) -> None:
     """Raise :class:`UnreadableFormatError` if this version cannot read ``meta``'s format."""
     if meta.format_version not in READABLE_FORMATS:
-        readable = " and ".join(map(str, READABLE_FORMATS))
+        *rest, last = map(str, READABLE_FORMATS)
+        readable = f"{', '.join(rest)} and {last}" if rest else last
         raise UnreadableFormatError(
             f"checkpoint {meta.checkpoint_id} uses storage format {meta.format_version}; "
             f"this version reads formats {readable}"

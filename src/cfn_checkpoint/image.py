@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import msgpack
 import xxhash
 
-from .codec import Payload, make_payload
+from .codec import Payload, make_payload, stored_payload
 from .errors import CorruptCheckpointError, UnreadableFormatError
 from .model import FORMAT_VERSION, RedisType, RuntimeEntry
 
@@ -74,7 +74,7 @@ def _sha1_hex(row: bytes | memoryview) -> bytes:
 
 
 #: How the rows of each storage format this version reads are digested.
-_DIGESTERS: dict[int, RowDigest] = {3: _sha1_hex, 4: row_digest}
+_DIGESTERS: dict[int, RowDigest] = {3: _sha1_hex, 4: row_digest, 5: row_digest}
 
 
 def row_digester(format_version: int = FORMAT_VERSION) -> RowDigest:
@@ -353,9 +353,11 @@ def _chunks(digests: list[bytes], rows: list[bytes]) -> Iterator[bytes]:
         start = end
 
 
-def keyframe_payloads(image: RuntimeImage) -> tuple[list[Payload], Keyframe]:
-    """The ``base`` chunks and ``ttl`` payload of a keyframe, and its :class:`Keyframe`."""
-    payloads = [_raw_payload("base", raw) for raw in _chunks(image.digests, image.rows)]
+def keyframe_payloads(image: RuntimeImage, level: int) -> tuple[list[Payload], Keyframe]:
+    """The ``base`` chunks (compressed at ``level`` and named by their stored bytes: see
+    :func:`~cfn_checkpoint.codec.stored_payload`) and ``ttl`` payload of a keyframe, and
+    its :class:`Keyframe`."""
+    payloads = [stored_payload("base", raw, level) for raw in _chunks(image.digests, image.rows)]
     expiring = [[k, x] for k, x in zip(image.keys, image.expiries, strict=True) if x is not None]
     ttl = make_payload("ttl", [image.captured_at_ms, expiring])
     payloads.append(ttl)

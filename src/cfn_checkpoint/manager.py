@@ -403,13 +403,15 @@ class CheckpointManager:
             return planned  # unchanged, and intact
         meta, parts, keyframe, current = planned
         manifest = [(kind, digest) for kind, digest, _ in parts]
-        # Payloads this manager wrote or verified are not compressed again (the store
-        # has them); if one has gone meanwhile the commit fails rather than guess.
+        # Payloads this manager wrote or verified are not sent again (the store has
+        # them); if one has gone meanwhile the commit fails rather than guess. Keyframe
+        # chunks come compressed (named by their stored bytes); the rest is compressed
+        # here, unless the store has it.
         level = cfg.compression_level
 
         def commit() -> CheckpointMetadata:
             blobs = {
-                digest: (len(p.raw), compress(p.raw, level))
+                digest: (len(p.raw), compress(p.raw, level) if p.stored is None else p.stored)
                 for _, digest, p in parts
                 if p is not None and digest not in self._verified
             }
@@ -482,7 +484,7 @@ class CheckpointManager:
         runtime = delta_payloads(image, known.keyframe) if known is not None else []
         keyframe = known.keyframe if runtime and known is not None else None
         if keyframe is None:
-            frame_payloads, keyframe = keyframe_payloads(image)
+            frame_payloads, keyframe = keyframe_payloads(image, self.config.compression_level)
             runtime = [(p.kind, p.digest, p) for p in frame_payloads]
         parts = [*runtime]
         parts += [("durable", durable_payload.digest, durable_payload)]

@@ -10,9 +10,11 @@ from typing import Any, NamedTuple
 from .errors import ValidationError
 
 #: Version of the stored checkpoint format (payload encoding and manifest).
-FORMAT_VERSION = 4
-#: Storage formats this version reads (3 differs only in its row digests: SHA-1 in hex).
-READABLE_FORMATS = (3, 4)
+FORMAT_VERSION = 5
+#: Storage formats this version reads. 4 differs from 5 only in how keyframe chunks are
+#: named (the SHA-256 of their raw bytes, not of their compressed ones), 3 from 4 only
+#: in its row digests (SHA-1 in hex).
+READABLE_FORMATS = (3, 4, 5)
 
 
 class CheckpointTrigger(StrEnum):

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from .codec import compress, decompress_verified, encode_tables, make_payload, state_hashes
+from .codec import (
+    Payload,
+    compress,
+    decompress_verified,
+    encode_tables,
+    make_payload,
+    state_hashes,
+    stored_payload,
+)
 from .contents import check_format
 from .durable.schema import SKILL_TABLE
 from .durable.sql import utcnow
@@ -52,20 +60,18 @@ def create_streamed(
     captured_at = 0
     level = cfg.compression_level
 
-    def put(db: Any, digest: str, raw: bytes) -> None:
+    def put(db: Any, payload: Payload) -> None:
         nonlocal stored
-        data = compress(raw, level)
-        added = store.put_payload(db, digest, len(raw), data)
-        if not added and digest not in manager._verified:
-            store.repair_payload(db, digest, data)  # a damaged stored copy is replaced
+        data = compress(payload.raw, level) if payload.stored is None else payload.stored
+        added = store.put_payload(db, payload.digest, len(payload.raw), data)
+        if not added and payload.digest not in manager._verified:
+            store.repair_payload(db, payload.digest, data)  # a damaged stored copy is replaced
         stored += added
+        manifest.append((payload.kind, payload.digest))
 
     def flush(db: Any) -> None:
         nonlocal chunk
-        raw = b"".join(chunk)
-        digest = hashlib.sha256(raw).hexdigest()
-        put(db, digest, raw)
-        manifest.append(("base", digest))
+        put(db, stored_payload("base", b"".join(chunk), level))
         chunk = []
 
     # Checked before writing: the writes below repair damaged payloads they share, and a
@@ -97,8 +103,7 @@ def create_streamed(
                 raise _Same
             ttl = make_payload("ttl", [captured_at, expiring])
             for p in (ttl, durable_payload, skills_payload):
-                put(db, p.digest, p.raw)
-                manifest.append((p.kind, p.digest))
+                put(db, p)
             done = CheckpointMetadata(
                 checkpoint_id=meta.checkpoint_id,
                 task_id=meta.task_id,
