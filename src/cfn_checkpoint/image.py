@@ -144,7 +144,7 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
     type, value, has_ttl, native or false]`` (type ``dump`` and the native type apart)
     packed with msgpack (bytes as raw strings), its digest :data:`row_digest`. Packing
     and hashing here, not in Redis's Lua, costs about a quarter as much. The columns
-    are sliced out and put in key order whole, with no tuple made per key.
+    are sliced out whole, with no tuple made per key.
 
     An in-script SCAN may name a key twice (while Redis rehashes), and the script then
     reads it twice, the same value atomically: such a key is kept once.
@@ -153,15 +153,7 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
         raise ValueError(f"a capture reply holds four items a key, not {len(flat)} items")
     pack = _row_packer.pack
     with gc_paused():
-        keys = flat[0::4]
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        keys = list(map(keys.__getitem__, order))
-        if not all(map(lt, keys, keys[1:])):  # a key twice: one position each
-            once = dict(zip(keys, order, strict=True))
-            keys, order = list(once), list(once.values())
-        types, expiries, values = (
-            list(map(column.__getitem__, order)) for column in (flat[1::4], flat[2::4], flat[3::4])
-        )
+        keys, types, expiries, values = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         rows = [
             pack([k, t, v, x >= 0, False])
             for k, t, x, v in zip(keys, types, expiries, values, strict=True)
@@ -169,10 +161,18 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
         if any(t.startswith(b"dump:") for t in set(types)):  # streams, module types: rare
             for i in compress(range(len(types)), map(methodcaller("startswith", b"dump:"), types)):
                 rows[i] = pack([keys[i], b"dump", values[i], expiries[i] >= 0, types[i][5:]])
+        # Packed in the order read, then put in key order: three columns to reorder
+        # (keys, rows, expiries) rather than four.
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        keys = list(map(keys.__getitem__, order))
+        if not all(map(lt, keys, keys[1:])):  # a key twice: one position each
+            once = dict(zip(keys, order, strict=True))
+            keys, order = list(once), list(once.values())
+        rows = list(map(rows.__getitem__, order))
         return Packed(
             keys,
             list(map(row_digest, rows)),
-            [x if x < 0 or x > now_ms else now_ms for x in expiries],
+            [x if x < 0 or x > now_ms else now_ms for x in map(expiries.__getitem__, order)],
             rows,
         )
 
