@@ -19,7 +19,7 @@ from cfn_checkpoint.memo import CaptureMemo, estimate
 
 def _snapshot(value: bytes, expiry: int = -1) -> Snapshot:
     flat = [b"agent:t:a", b"string", expiry, value, b"queue:t:q", b"list", -1, [b"x"]]
-    return Snapshot("t", flat, 1_000, True, "7.0.0")
+    return Snapshot("t", flat, 1_000, True)
 
 
 def test_a_capture_matches_only_its_checkpoint_and_an_equal_read() -> None:

@@ -193,7 +193,6 @@ class Snapshot:
     captured_at_ms: int
     #: True when all keys were read in one atomic server-side step.
     point_in_time: bool
-    redis_version: str
     #: True when the keys were read one Redis Cluster slot at a time (the reference
     #: layout on a cluster): never point in time.
     node_by_node: bool = False

@@ -504,7 +504,7 @@ class CheckpointManager:
             row_count=durable.row_count,
             raw_bytes=snapshot.row_bytes + len(durable_payload.raw) + len(skills_payload.raw),
             point_in_time=snapshot.point_in_time,
-            redis_version=snapshot.redis_version,
+            redis_version=self.runtime.version(),  # not asked when nothing changed
         )
         return _Plan(meta, parts, keyframe, image.index())
 

@@ -217,7 +217,6 @@ class RedisRuntime:
         keys are read one slot at a time and listed again afterwards: the snapshot is
         not point in time and says it was read ``node_by_node``.
         """
-        version = self.version()
         scanned = False
         if not self.cluster and expected_keys <= atomic_max_keys:
             size = self.dbsize()
@@ -230,16 +229,14 @@ class RedisRuntime:
                 scanned = True
                 found = self._scan_read(task_id, atomic_max_keys)
                 if found is not None:
-                    return Snapshot(task_id, found[1], found[0], True, version)
+                    return Snapshot(task_id, found[1], found[0], True)
         # On one server, every change under the task's prefixes from before the listing
         # on is reported (a cluster checks its slot instead).
         watch = None
         if self._watches is not None:
             watch = self._watches.watch(self.layout.task_prefixes(task_id))
         try:
-            return self._capture_listed(
-                task_id, atomic_max_keys, batch_keys, version, scanned, watch
-            )
+            return self._capture_listed(task_id, atomic_max_keys, batch_keys, scanned, watch)
         except BaseException:
             if watch is not None:
                 watch.broken = True  # it may hold a half-read reply: not kept
@@ -259,7 +256,6 @@ class RedisRuntime:
         task_id: str,
         atomic_max_keys: int,
         batch_keys: int,
-        version: str,
         scanned: bool,
         watch: KeyWatch | None,
     ) -> Snapshot:
@@ -275,18 +271,18 @@ class RedisRuntime:
             # grew): one script finds and reads its keys, with no second listing.
             found = self._scan_read(task_id, atomic_max_keys)
             if found is not None:
-                return Snapshot(task_id, found[1], found[0], True, version)
+                return Snapshot(task_id, found[1], found[0], True)
         if self.cluster and self.layout.cluster:
             for _ in range(_SLOT_ATTEMPTS):
                 if len(keys) > atomic_max_keys:
                     break
                 if not keys:  # listed in one step on the task's node: empty at that instant
-                    return Snapshot(task_id, [], self.server_time_ms(task_id), True, version)
+                    return Snapshot(task_id, [], self.server_time_ms(task_id), True)
                 now_ms, read = self._read_slot(task_id, keys)
                 if isinstance(read, set):
                     keys = sorted(set(keys) | read)  # keys of the task that came meanwhile
                     continue
-                return Snapshot(task_id, read, now_ms, True, version)
+                return Snapshot(task_id, read, now_ms, True)
         known = set(keys)
         for _ in range(0 if self.cluster and self.layout.cluster else _CAPTURE_ATTEMPTS):
             if len(keys) > atomic_max_keys:
@@ -305,7 +301,7 @@ class RedisRuntime:
             if later is None:  # no watch, or it lost track: list the keys again
                 later = set(self.task_keys(task_id))
             if later <= known:
-                return Snapshot(task_id, replies, now_ms, steps <= 1, version, steps > 1)
+                return Snapshot(task_id, replies, now_ms, steps <= 1, steps > 1)
             known |= later
             keys = sorted(known)
         else:
@@ -315,7 +311,7 @@ class RedisRuntime:
                 # task of this size in batches.
                 found = self._scan_read(task_id, atomic_max_keys)
                 if found is not None:
-                    return Snapshot(task_id, found[1], found[0], True, version)
+                    return Snapshot(task_id, found[1], found[0], True)
         batches: list[Any] = []
         clock = 0
         if not self.cluster:
@@ -334,7 +330,7 @@ class RedisRuntime:
                 clock = clock or batch_ms
                 batches.extend(batch)
         clock = clock or self.server_time_ms(task_id)
-        return Snapshot(task_id, batches, clock, False, version, not self.point_in_time)
+        return Snapshot(task_id, batches, clock, False, not self.point_in_time)
 
     def read_batches(self, keys: Sequence[bytes], batch_keys: int) -> Iterator[tuple[int, Packed]]:
         """Read ``keys`` (sorted) a batch at a time, for tasks too large to hold at once.
