@@ -306,10 +306,11 @@ class Keyframe:
 
 
 def ends_chunk(digest: bytes) -> bool:
-    """Whether a base chunk ends after the row of this digest (one row in 1,024; or the
-    chunk reached :data:`CHUNK_MAX_BYTES`). Rows, not keys, decide: the same rows give
-    the same cuts, so unchanged chunks keep their names from one keyframe to the next,
-    and the digests are at hand (testing each key, with CRC32, cost 1 ms at 10,000)."""
+    """Whether a base chunk ends after the row of this digest: one that begins with ten
+    zero bits (one row in 1,024). A chunk also ends once it holds
+    :data:`CHUNK_MAX_BYTES`. Rows, not keys, decide: the same rows give the same cuts,
+    so unchanged chunks keep their names from one keyframe to the next, and the
+    digests are at hand (testing each key, with CRC32, cost 1 ms at 10,000)."""
     return digest[0] == 0 and digest[1] < 64
 
 
