@@ -37,6 +37,10 @@ class Payload:
     raw: bytes
     stored: bytes | None = None
 
+    def to_store(self, level: int) -> bytes:
+        """The bytes to store: ``stored``, else ``raw`` compressed at ``level``."""
+        return compress(self.raw, level) if self.stored is None else self.stored
+
 
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]

@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 from .codec import (
     Payload,
-    compress,
     decode_tables,
     decompress_verified,
     encode_tables,
@@ -411,7 +410,7 @@ class CheckpointManager:
 
         def commit() -> CheckpointMetadata:
             blobs = {
-                digest: (len(p.raw), compress(p.raw, level) if p.stored is None else p.stored)
+                digest: (len(p.raw), p.to_store(level))
                 for _, digest, p in parts
                 if p is not None and digest not in self._verified
             }

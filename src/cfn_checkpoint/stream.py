@@ -18,7 +18,6 @@ import msgpack
 
 from .codec import (
     Payload,
-    compress,
     decompress_verified,
     encode_tables,
     make_payload,
@@ -62,7 +61,7 @@ def create_streamed(
 
     def put(db: Any, payload: Payload) -> None:
         nonlocal stored
-        data = compress(payload.raw, level) if payload.stored is None else payload.stored
+        data = payload.to_store(level)
         added = store.put_payload(db, payload.digest, len(payload.raw), data)
         if not added and payload.digest not in manager._verified:
             store.repair_payload(db, payload.digest, data)  # a damaged stored copy is replaced
