@@ -56,9 +56,8 @@ def instrument() -> None:
     timed_part(image_module, "packed_rows", "packing and hashing rows")
     timed_part(manager_module, "keyframe_payloads", "keyframe chunks (their compression too)")
     # Keyframe chunks are compressed inside keyframe_payloads (they are named by their
-    # compressed bytes), every other payload at the commit: all counted here as well.
+    # compressed bytes), every other payload at the commit: all through codec.compress.
     timed_part(codec_module, "compress", "compression (all payloads)")
-    timed_part(manager_module, "compress", "compression (all payloads)")
     timed_part(SqlStore, "commit_checkpoint", "SQLite commit")
     timed_part(contents_module, "decompress_verified", "decompress and check payloads")
     timed_part(contents_module, "decode_image", "decode rows")
