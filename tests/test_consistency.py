@@ -511,9 +511,11 @@ def test_a_new_task_is_sized_from_a_sample_not_by_listing_the_database() -> None
             client.close()
 
 
-def test_a_user_without_scan_gets_one_line_naming_the_sample() -> None:
-    """Sizing a new task needs SCAN: a Redis user denied it gets a clear error, and the
-    task's keys are left as they were."""
+def test_a_user_without_scan_gets_one_line_naming_it() -> None:
+    """Sizing a new task (inside the capture script) and listing its keys need SCAN: a
+    Redis user denied it gets a clear one-line error naming SCAN, whether the database
+    is small enough to scan inside the script or not, and the task's keys are left as
+    they were."""
     layout = KeyLayout()
     with EmbeddedRedis() as server:
         admin = redis.Redis.from_url(server.url)
@@ -522,12 +524,14 @@ def test_a_user_without_scan_gets_one_line_naming_the_sample() -> None:
         admin.mset({layout.key("agent", "t", f"k{i}"): b"v" for i in range(50)})
         limited = redis.Redis.from_url(server.url, username="noscan", password="pw")
         try:
-            runtime = RedisRuntime(limited, scan_in_script_max_keys=100)
-            with pytest.raises(StoreUnavailableError) as caught:
-                runtime.capture("t")
-            message = str(caught.value)
-            assert "sampling the keys of task t" in message and "'scan'" in message
-            assert "\n" not in message
+            for in_script, expected in ((100, 0), (100, 50), (1_000, 0), (0, 50)):
+                runtime = RedisRuntime(limited, scan_in_script_max_keys=in_script)
+                with pytest.raises(StoreUnavailableError) as caught:
+                    runtime.capture("t", expected_keys=expected)
+                message = str(caught.value)
+                assert "keys of task t" in message, message
+                assert "(SCAN)" in message or "'scan'" in message, message
+                assert "\n" not in message
             assert admin.dbsize() == 250
         finally:
             limited.close()

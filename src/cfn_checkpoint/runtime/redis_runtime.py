@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from operator import lt, methodcaller
 from typing import Any
 
@@ -55,10 +56,20 @@ _SLOT_ATTEMPTS = 10
 #: Redis up).
 _SCRIPT_SCAN_COUNT = 10_000
 #: Keys one SCAN page returns when estimating the share of a database a task not seen
-#: before holds (about 1 ms here, against about 1 us a key to list the whole database).
+#: before holds (inside the capture script; about 1 us a key to list the whole database).
 _SAMPLE_KEYS = 1_000
 #: Script calls sent in one pipeline when a task's keys spread over many slots.
 _PIPELINE_CALLS = 1000
+
+
+class _Declined(Enum):
+    """Why :data:`~.scripts.CAPTURE_SCAN` read nothing."""
+
+    TOO_MANY = "the task has more keys than may be read at once"
+    COSTLY = "the database is too large to scan inside the script"
+
+
+_TOO_MANY, _COSTLY = _Declined.TOO_MANY, _Declined.COSTLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,17 +230,18 @@ class RedisRuntime:
         """
         scanned = False
         if not self.cluster and expected_keys <= atomic_max_keys:
-            size = self.dbsize()
-            estimate = expected_keys
-            if not estimate and not self._scan_is_cheap(size, 0):
-                # A task not checkpointed before: its size is estimated from a sample
-                # rather than learnt by listing the whole database.
-                estimate = self._sampled_task_keys(task_id, size)
-            if estimate <= atomic_max_keys and self._scan_is_cheap(size, estimate):
-                scanned = True
-                found = self._scan_read(task_id, atomic_max_keys)
-                if found is not None:
-                    return Snapshot(task_id, found[1], found[0], True)
+            # The script itself checks that the scan is cheap: DBSIZE, and for a task
+            # not checkpointed before (its size unknown) a sample of the keyspace
+            # rather than a listing of the whole database.
+            found = self._scan_read(
+                task_id,
+                atomic_max_keys,
+                cheap=max(self.scan_in_script_max_keys, 2 * expected_keys),
+                sample=0 if expected_keys else _SAMPLE_KEYS,
+            )
+            if isinstance(found, tuple):
+                return Snapshot(task_id, found[1], found[0], True)
+            scanned = found is _TOO_MANY
         # On one server, every change under the task's prefixes from before the listing
         # on is reported (a cluster checks its slot instead).
         watch = None
@@ -270,7 +282,7 @@ class RedisRuntime:
             # The task turns out to fill most of the database (a first checkpoint, or it
             # grew): one script finds and reads its keys, with no second listing.
             found = self._scan_read(task_id, atomic_max_keys)
-            if found is not None:
+            if isinstance(found, tuple):
                 return Snapshot(task_id, found[1], found[0], True)
         if self.cluster and self.layout.cluster:
             for _ in range(_SLOT_ATTEMPTS):
@@ -310,7 +322,7 @@ class RedisRuntime:
                 # them (blocking Redis for a scan of the database) rather than read a
                 # task of this size in batches.
                 found = self._scan_read(task_id, atomic_max_keys)
-                if found is not None:
+                if isinstance(found, tuple):
                     return Snapshot(task_id, found[1], found[0], True)
         batches: list[Any] = []
         clock = 0
@@ -349,14 +361,21 @@ class RedisRuntime:
         """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
         return self._write([], writes)[0]
 
-    def _scan_read(self, task_id: str, max_keys: int) -> tuple[int, Any] | None:
+    def _scan_read(
+        self, task_id: str, max_keys: int, *, cheap: int | None = None, sample: int = 0
+    ) -> tuple[int, Any] | _Declined:
+        """``(clock, flat reply)`` of :data:`~.scripts.CAPTURE_SCAN`, or why it read
+        nothing: :data:`_TOO_MANY` keys (more than ``max_keys``), or :data:`_COSTLY`, a
+        database above ``cheap`` keys (unless ``sample`` > 0 estimates the task to be at
+        least half of it); ``cheap=None``: whatever the database's size."""
         pattern = self.layout.scan_pattern(task_id)
-        args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT]
+        limit = -1 if cheap is None else cheap  # -1: not checked
+        args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT, limit, sample]
         args.extend(self.layout.task_prefixes(task_id))
         with redis_errors(f"reading the keys of task {task_id}"), gc_paused():
             reply = self._capture_scan(keys=[], args=args)
-        if len(reply) == 3 and reply[1] == -1:  # a key is bytes, never -1
-            return None
+        if len(reply) == 3 and reply[1] in (-1, -2):  # a key is bytes, never an int
+            return _TOO_MANY if reply[1] == -1 else _COSTLY
         return int(reply[0]), reply[1:]
 
     def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
@@ -546,18 +565,6 @@ class RedisRuntime:
     def _small_database(self, task_keys: int = 0) -> bool:
         """:meth:`_scan_is_cheap` for the database's size now."""
         return self._scan_is_cheap(self.dbsize(), task_keys)
-
-    def _sampled_task_keys(self, task_id: str, size: int) -> int:
-        """``task_id``'s keys estimated from a sample: its share of the keys on the first
-        page of an unfiltered SCAN (spread over the hash table, so over the keyspace),
-        times the database's ``size``. A wrong guess costs time, never exactness: the
-        in-script scan finds every key whatever the estimate."""
-        prefixes = self.layout.task_prefixes(task_id)
-        with redis_errors(f"sampling the keys of task {task_id}"):
-            page: list[bytes] = list(self.client.scan(0, count=_SAMPLE_KEYS)[1])  # type: ignore[arg-type]
-        if not page:
-            return 0
-        return size * sum(key.startswith(prefixes) for key in page) // len(page)
 
     def plan_ttls(
         self,

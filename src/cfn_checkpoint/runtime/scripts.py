@@ -110,17 +110,26 @@ local function read_all(keys)
 end
 """
 
-#: Lua: ``task_keys(pattern, count, first)`` -> the keys SCAN finds for ``pattern`` that start
-#: with one of ARGV[first], ARGV[first + 1], ... (the task's exact prefixes). SCAN may
-#: name a key twice (while Redis rehashes); the callers cope, which is cheaper than a Lua
-#: table of the keys seen (measured: about 1 us a key). It walks the whole keyspace
-#: inside the script, so it blocks Redis for as long: callers use it only on databases
-#: below a limit (``scan_in_script_max_keys`` for a capture, ``exact_scan_max_keys`` for
-#: a restore).
+#: Lua: ``prefixes(first)`` -> ``wanted, lengths``: ARGV[first], ARGV[first + 1], ... (a
+#: task's exact prefixes) as a set, and the one or two lengths they have
+#: (agent/swarm/queue, lock), so a key is tested with one lookup per length, not one
+#: comparison per prefix. ``task_keys(pattern, count, wanted, lengths)`` -> the keys
+#: SCAN finds for ``pattern`` that start with one of the prefixes. SCAN may name a key
+#: twice (while Redis rehashes); the callers cope, which is cheaper than a Lua table of
+#: the keys seen (measured: about 1 us a key). It walks the whole keyspace inside the
+#: script, so it blocks Redis for as long: callers use it only on databases below a
+#: limit (``scan_in_script_max_keys`` for a capture, ``exact_scan_max_keys`` for a
+#: restore).
 _TASK_KEYS = r"""
-local function task_keys(pattern, count, first)
-  -- The prefixes have one or two lengths (agent/swarm/queue, lock): one lookup per
-  -- length, not one comparison per prefix.
+-- A command that an ACL may deny a user: the error then names it (Redis does not).
+local function checked(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply['err'] then
+    error({err = reply['err'] .. ' (' .. (...) .. ')'})
+  end
+  return reply
+end
+local function prefixes(first)
   local wanted, lengths, seen_length = {}, {}, {}
   for p = first, #ARGV do
     wanted[ARGV[p]] = true
@@ -129,11 +138,14 @@ local function task_keys(pattern, count, first)
       lengths[#lengths + 1] = #ARGV[p]
     end
   end
+  return wanted, lengths
+end
+local function task_keys(pattern, count, wanted, lengths)
   local keys = {}
   local n = 0
   local cursor = '0'
   repeat
-    local page = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', count)
+    local page = checked('SCAN', cursor, 'MATCH', pattern, 'COUNT', count)
     cursor = page[1]
     for _, key in ipairs(page[2]) do
       for i = 1, #lengths do
@@ -228,16 +240,48 @@ return out
 )
 
 #: Find and read a task's keys in one atomic step (standalone Redis only: it reads keys
-#: not declared in KEYS).
-#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, prefix1, prefix2, ...``; a key
-#: is the task's if it starts with one of the prefixes (the pattern may match more).
-#: Returns ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
+#: not declared in KEYS), if that is cheap enough.
+#: KEYS: none.  ARGV: ``pattern, max_keys, scan_count, cheap, sample, prefix1, prefix2,
+#: ...``; a key is the task's if it starts with one of the prefixes (the pattern may
+#: match more). The scan walks the whole database, so it runs only while DBSIZE is at
+#: most ``cheap`` (-1: whatever the size), or, when ``sample`` > 0 (a task of unknown
+#: size), at most twice the task's keys estimated from the first page of an
+#: unfiltered SCAN of ``sample`` keys (the task's share of them, times DBSIZE: the
+#: page is spread over the hash table, so over the keyspace). Asked here rather than
+#: by the client, the size and the sample cost no round trips, and the page of keys
+#: is not sent.
+#: Returns ``{now_ms, -2, dbsize}`` when the scan would cost too much (nothing read),
+#: ``{now_ms, -1, n}`` when more than max_keys keys match (nothing read), else
 #: ``{now_ms, <read(key1)>, <read(key2)>, ...}`` (a key SCAN named twice is read twice).
 CAPTURE_SCAN = (
     _ROW
     + _TASK_KEYS
     + r"""
-local keys = task_keys(ARGV[1], ARGV[3], 4)
+local wanted, lengths = prefixes(6)
+local size = tonumber(ARGV[4]) >= 0 and checked('DBSIZE') or 0
+if size > tonumber(ARGV[4]) then
+  local estimate = 0
+  local page = {}
+  if tonumber(ARGV[5]) > 0 then
+    page = checked('SCAN', '0', 'COUNT', ARGV[5])[2]
+  end
+  if #page > 0 then
+    local found = 0
+    for _, key in ipairs(page) do
+      for i = 1, #lengths do
+        if wanted[string.sub(key, 1, lengths[i])] then
+          found = found + 1
+          break
+        end
+      end
+    end
+    estimate = math.floor(size * found / #page)
+  end
+  if estimate > tonumber(ARGV[2]) or size > 2 * estimate then
+    return {now, -2, size}
+  end
+end
+local keys = task_keys(ARGV[1], ARGV[3], wanted, lengths)
 if #keys > tonumber(ARGV[2]) then
   return {now, -1, #keys}
 end
@@ -288,7 +332,7 @@ if ARGV[3] == 'slot' then
 end
 local found = {}
 if ARGV[3] == 'scan' then
-  found = task_keys(ARGV[4], ARGV[5], 7)
+  found = task_keys(ARGV[4], ARGV[5], prefixes(7))
   local extra = 0
   for _, key in ipairs(found) do
     if not writing[key] then
