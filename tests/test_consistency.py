@@ -511,6 +511,42 @@ def test_a_new_task_is_sized_from_a_sample_not_by_listing_the_database() -> None
             client.close()
 
 
+@pytest.mark.parametrize(
+    ("scan_max", "expected", "atomic_max", "in_script", "point_in_time"),
+    [
+        (100, 0, 50_000, False, True),  # the sample puts the task at a fifth of the keys
+        (100, 200, 50_000, True, True),  # known to be large: the database is at most twice it
+        (100, 50, 50_000, False, True),  # known to be small: the database is too large
+        (1_000, 0, 50_000, True, True),  # a small database: no sample
+        (100, 0, 30, False, False),  # the sample puts it above what may be read at once
+        (1_000, 0, 30, False, False),  # the scan finds more than may be read at once
+    ],
+)
+def test_the_capture_script_decides_whether_to_scan(
+    scan_max: int, expected: int, atomic_max: int, in_script: bool, point_in_time: bool
+) -> None:
+    """Inside its script, a capture finds the task's keys itself only while that is
+    cheap: the database (DBSIZE) at most ``scan_in_script_max_keys`` or twice the task,
+    whose size is the caller's ``expected_keys`` or, for a task not seen before, an
+    estimate from a sample of the keyspace. Otherwise it reads nothing, and the keys are
+    listed from the client (SCAN calls of ``scan_count`` keys each). Either way every key
+    is read."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:  # its own server: SCAN calls are counted server-wide
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.mset({layout.key("agent", "t", f"k{i}"): b"v" for i in range(50)})
+            client.mset({f"other:{i}": b"x" for i in range(200)})
+            runtime = RedisRuntime(client, scan_count=10, scan_in_script_max_keys=scan_max)
+            before = _scan_calls(client)
+            snapshot = runtime.capture("t", expected_keys=expected, atomic_max_keys=atomic_max)
+            listed = _scan_calls(client) - before > 3  # a listing takes 25 calls or more
+            assert len(snapshot.packed.keys) == 50
+            assert (listed, snapshot.point_in_time) == (not in_script, point_in_time)
+        finally:
+            client.close()
+
+
 def test_a_user_without_scan_gets_one_line_naming_it() -> None:
     """Sizing a new task (inside the capture script) and listing its keys need SCAN: a
     Redis user denied it gets a clear one-line error naming SCAN, whether the database

@@ -33,8 +33,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import itemgetter, lt, methodcaller, ne
+from itertools import compress, repeat
+from operator import ge, is_, itemgetter, lt, methodcaller, ne
 from typing import Any, NamedTuple
 
 import msgpack
@@ -105,6 +105,8 @@ class Packed(NamedTuple):
 
 
 _row_packer = msgpack.Packer(use_bin_type=False)  # bytes as raw strings, like cmsgpack
+_ZEROS = repeat(0)
+_FALSES = repeat(False)
 
 
 _gc_pauses = 0  # sections inside gc_paused(), over all threads
@@ -154,10 +156,10 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
     pack = _row_packer.pack
     with gc_paused():
         keys, types, expiries, values = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-        rows = [
-            pack([k, t, v, x >= 0, False])
-            for k, t, x, v in zip(keys, types, expiries, values, strict=True)
-        ]
+        # One C call a row, no bytecode per key (0.3 ms at 10,000 against a comprehension).
+        # The columns are slices of one reply, of one length; the last one never ends.
+        flags = map(ge, expiries, _ZEROS)
+        rows = list(map(pack, zip(keys, types, values, flags, _FALSES, strict=False)))
         if any(t.startswith(b"dump:") for t in set(types)):  # streams, module types: rare
             for i in compress(range(len(types)), map(methodcaller("startswith", b"dump:"), types)):
                 rows[i] = pack([keys[i], b"dump", values[i], expiries[i] >= 0, types[i][5:]])
@@ -197,21 +199,37 @@ class Snapshot:
     #: layout on a cluster): never point in time.
     node_by_node: bool = False
     _packed: Packed | None = field(default=None, repr=False)
-    _row_bytes: int = field(default=-1, repr=False)
+    _sizes: tuple[int, int, int] | None = field(default=None, repr=False)
 
     @property
     def packed(self) -> Packed:
         """Every key as a row, in key order."""
-        if self._packed is None:
-            self._packed = packed_rows(self.flat, self.captured_at_ms)
-        return self._packed
+        return self._pack() if self._packed is None else self._packed
 
     @property
     def row_bytes(self) -> int:
         """Bytes of all rows."""
-        if self._row_bytes < 0:
-            self._row_bytes = sum(map(len, self.packed.rows))
-        return self._row_bytes
+        return self.sizes[0]
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """``(bytes of all rows, values that are arrays, items in them)``: what keeping
+        the reply costs in memory (see :func:`~cfn_checkpoint.memo.estimate`)."""
+        if self._sizes is None:
+            self._pack()
+        assert self._sizes is not None
+        return self._sizes
+
+    def _pack(self) -> Packed:
+        flat = self.flat
+        # Counted while the reply and the rows are in the caches: later (after they are
+        # compressed) the same walks cost several times as much, 1.5 ms at 10,000 keys.
+        values = flat[3::4]
+        lists = list(compress(values, map(is_, map(type, values), repeat(list))))
+        packed = packed_rows(flat, self.captured_at_ms)
+        self._sizes = (sum(map(len, packed.rows)), len(lists), sum(map(len, lists)))
+        self._packed = packed
+        return packed
 
     @property
     def entries(self) -> list[RuntimeEntry]:

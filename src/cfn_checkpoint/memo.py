@@ -81,7 +81,5 @@ def estimate(snapshot: Snapshot) -> int:
     """Bytes that keeping ``snapshot``'s reply takes, estimated from above: its rows'
     bytes plus a fixed cost per Python object (measured with tracemalloc: 0.5-0.85 of
     this on tasks of small hash fields and of JSON strings)."""
-    flat = snapshot.flat
-    lists = [v for v in flat[3::4] if type(v) is list]
-    items = len(flat) + sum(map(len, lists))
-    return snapshot.row_bytes + _PER_OBJECT * items + _PER_LIST * len(lists)
+    row_bytes, lists, items = snapshot.sizes
+    return row_bytes + _PER_OBJECT * (len(snapshot.flat) + items) + _PER_LIST * lists
