@@ -92,9 +92,14 @@ def test_dry_run_names_keys_whose_ttl_ran_out(
     cmd: Cli, manager: CheckpointManager, layout: KeyLayout
 ) -> None:
     write_task(manager, "t1", 1)
-    manager.runtime.client.set(layout.key("lock", "t1", "tests"), b"tester", px=150)
+    client = manager.runtime.client
+    # A TTL the create surely beats on a loaded machine (150 ms did not, once, in a full
+    # run on a cluster with PostgreSQL).
+    client.set(layout.key("lock", "t1", "tests"), b"tester", px=1_000)
     cmd("create", "t1")
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while client.exists(layout.key("lock", "t1", "tests")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     lock = layout.key("lock", "t1", "tests").decode()
     out = cmd("recover", "t1", "--dry-run").stdout
     assert f"would leave out {lock}: its TTL ran out\n" in out
