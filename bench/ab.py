@@ -14,13 +14,19 @@ operations:
 * ``create``: a first create into a new SQLite store, then the floor's create of as
   many bytes (``floor.py``);
 * ``unchanged``: an unchanged re-checkpoint, then the floor's capture;
-* ``recover``: a recovery of the store's checkpoint (no floor).
+* ``recover``: Redis flushed (outside the timing, as after a crash in ``run.py``),
+  then a recovery of the store's checkpoint (no floor).
 
-Printed for each tree: the fastest and the median wall time, the floor's fastest, the
-ratio of the fastest and the median of the paired ratios, and the fastest process CPU
-time (``time.process_time()``: the client's own work, which the server's share of the
-CPU and the machine's drift move far less than wall time). An old tree is made with
-``git worktree add /tmp/old <commit>``.
+The floor uses one variant per size, the one ``run.py`` finds faster there
+(``lua-all`` up to 10,000 keys, ``scan+lua`` above), where ``run.py`` takes the
+faster of both in each run.
+
+Printed for each tree: the library each of its processes imported, the fastest and
+the median wall time, the floor's fastest, the ratio of the fastest and the median of
+the paired ratios, and the fastest process CPU time (``time.process_time()``: the
+client's own work, which the server's share of the CPU and the machine's drift move
+far less than wall time). An old tree is made with ``git worktree add /tmp/old
+<commit>``.
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ def child(url: str, cpu: int, n: int, k: int, what: str) -> dict[str, list[float
                 workload.populate_durable(manager.durable, n)
                 made = manager.create_checkpoint(workload.TASK_ID)
             for _ in range(k):
+                client.flushall()  # a crash: the runtime keys are gone
                 with CheckpointManager.open(url, f"sqlite:///{tmp}/ours.db") as manager:
                     manager.runtime.client.ping()
                     timed(
@@ -107,28 +114,39 @@ def child(url: str, cpu: int, n: int, k: int, what: str) -> dict[str, list[float
     return out
 
 
+def imported() -> str:
+    """Where this process's ``cfn_checkpoint`` comes from."""
+    import cfn_checkpoint
+
+    return str(Path(cfn_checkpoint.__file__).resolve().parent.parent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--old", required=True, help="the other tree's src directory")
     parser.add_argument("--new", default=str(HERE.parent / "src"), help="default: this one's")
-    parser.add_argument("-n", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("-n", type=int, default=10_000, help="keys in the task")
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="turns of each tree (even: each goes first as often)"
+    )
     parser.add_argument("-k", type=int, default=5, help="operations timed per turn")
     parser.add_argument("--what", choices=("create", "unchanged", "recover"), default="create")
     parser.add_argument("--child", nargs=2, metavar=("URL", "CPU"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         url, cpu = args.child
-        print(json.dumps(child(url, int(cpu), args.n, args.k, args.what)))
+        print(json.dumps({"from": [imported()], **child(url, int(cpu), args.n, args.k, args.what)}))
         return
     trees = {"old": Path(args.old).resolve(), "new": Path(args.new).resolve()}
     for name, tree in trees.items():
         if not (tree / "cfn_checkpoint" / "__init__.py").is_file():
             parser.error(f"--{name} {tree}: not a src directory holding cfn_checkpoint")
+    if trees["old"] == trees["new"]:
+        parser.error(f"--old and --new are the same tree ({trees['old']})")
     from cfn_checkpoint import EmbeddedRedis
 
-    results: dict[str, dict[str, list[float]]] = {
-        name: {"ours": [], "floor": [], "cpu": []} for name in trees
+    results: dict[str, dict[str, list[Any]]] = {
+        name: {"from": [], "ours": [], "floor": [], "cpu": []} for name in trees
     }
     with EmbeddedRedis() as server:
         assert server.pid is not None
@@ -149,7 +167,8 @@ def main() -> None:
                     results[name][key] += values
     for name, got in results.items():
         ours, floor, cpu_s = got["ours"], got["floor"], got["cpu"]
-        line = f"{name} ({trees[name]}): fastest {min(ours) * 1e3:.2f} ms, "
+        origins = ", ".join(sorted(set(got["from"])))
+        line = f"{name} (imported from {origins}): fastest {min(ours) * 1e3:.2f} ms, "
         line += f"median {statistics.median(ours) * 1e3:.2f} ms"
         if args.what != "recover":
             paired = statistics.median(a / b for a, b in zip(ours, floor, strict=True))
