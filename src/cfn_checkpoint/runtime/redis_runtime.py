@@ -236,7 +236,7 @@ class RedisRuntime:
             found = self._scan_read(
                 task_id,
                 atomic_max_keys,
-                cheap=max(self.scan_in_script_max_keys, 2 * expected_keys),
+                cheap=self._scan_limit(expected_keys),
                 sample=0 if expected_keys else _SAMPLE_KEYS,
             )
             if isinstance(found, tuple):
@@ -552,11 +552,17 @@ class RedisRuntime:
                 return int(self.client.dbsize(target_nodes=RedisCluster.PRIMARIES))
             return int(self.client.dbsize())
 
+    def _scan_limit(self, task_keys: int) -> int:
+        """The largest database (keys) a SCAN inside a script is cheap enough for: a
+        small one, or one not much larger than the task (whose keys the script blocks
+        Redis to read anyway). :data:`~.scripts.CAPTURE_SCAN` applies the same rule to
+        a sampled estimate."""
+        return max(self.scan_in_script_max_keys, 2 * task_keys)
+
     def _scan_is_cheap(self, size: int, task_keys: int) -> bool:
-        """Whether a SCAN inside a script is cheap enough: the database (``size`` keys) is
-        small, or not much larger than the task (whose keys the script blocks Redis to
-        read anyway)."""
-        return size <= max(self.scan_in_script_max_keys, 2 * task_keys)
+        """Whether a SCAN inside a script is cheap enough on a database of ``size`` keys
+        (see :meth:`_scan_limit`)."""
+        return size <= self._scan_limit(task_keys)
 
     def _exact_scan(self) -> bool:
         """Whether the database is small enough (``exact_scan_max_keys``) for a restore, or
