@@ -113,8 +113,9 @@ end
 #: Lua: ``prefixes(first)`` -> ``wanted, lengths``: ARGV[first], ARGV[first + 1], ... (a
 #: task's exact prefixes) as a set, and the one or two lengths they have
 #: (agent/swarm/queue, lock), so a key is tested with one lookup per length, not one
-#: comparison per prefix. ``task_keys(pattern, count, wanted, lengths)`` -> the keys
-#: SCAN finds for ``pattern`` that start with one of the prefixes. SCAN may name a key
+#: comparison per prefix (``add_task_keys`` keeps a page's keys that start with one).
+#: ``task_keys(pattern, count, wanted, lengths)`` -> the keys SCAN finds for
+#: ``pattern`` that start with one of the prefixes. SCAN may name a key
 #: twice (while Redis rehashes); the callers cope, which is cheaper than a Lua table of
 #: the keys seen (measured: about 1 us a key). It walks the whole keyspace inside the
 #: script, so it blocks Redis for as long: callers use it only on databases below a
@@ -144,6 +145,19 @@ local function prefixes(first)
   end
   return wanted, lengths
 end
+-- Appends to keys (holding n) those of page that start with a wanted prefix; the new n.
+local function add_task_keys(page, wanted, lengths, keys, n)
+  for _, key in ipairs(page) do
+    for i = 1, #lengths do
+      if wanted[string.sub(key, 1, lengths[i])] then
+        n = n + 1
+        keys[n] = key
+        break
+      end
+    end
+  end
+  return n
+end
 local function task_keys(pattern, count, wanted, lengths)
   local keys = {}
   local n = 0
@@ -151,15 +165,7 @@ local function task_keys(pattern, count, wanted, lengths)
   repeat
     local page = checked('SCAN', cursor, 'MATCH', pattern, 'COUNT', count)
     cursor = page[1]
-    for _, key in ipairs(page[2]) do
-      for i = 1, #lengths do
-        if wanted[string.sub(key, 1, lengths[i])] then
-          n = n + 1
-          keys[n] = key
-          break
-        end
-      end
-    end
+    n = add_task_keys(page[2], wanted, lengths, keys, n)
   until cursor == '0'
   return keys
 end
@@ -271,15 +277,7 @@ if cheap >= 0 and size > cheap then
     page = checked('SCAN', '0', 'COUNT', ARGV[5])[2]
   end
   if #page > 0 then
-    local found = 0
-    for _, key in ipairs(page) do
-      for i = 1, #lengths do
-        if wanted[string.sub(key, 1, lengths[i])] then
-          found = found + 1
-          break
-        end
-      end
-    end
+    local found = add_task_keys(page, wanted, lengths, {}, 0)
     estimate = math.floor(size * found / #page)
   end
   if estimate > tonumber(ARGV[2]) or size > 2 * estimate then
