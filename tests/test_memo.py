@@ -15,6 +15,7 @@ import redis
 from cfn_checkpoint import CheckpointConfig, CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.image import Snapshot, gc_paused
 from cfn_checkpoint.memo import CaptureMemo, estimate
+from cfn_checkpoint.pieces import Pieces
 
 
 def _snapshot(value: bytes, expiry: int = -1) -> Snapshot:
@@ -36,6 +37,24 @@ def test_a_capture_matches_only_its_checkpoint_and_an_equal_read() -> None:
     assert not memo.matches("t", "cp1", _snapshot(b"w"))  # another value
     assert not memo.matches("t", "cp1", _snapshot(b"v", expiry=5_000))  # a TTL set
     assert not memo.matches("u", "cp1", _snapshot(b"v"))  # another task
+
+
+def test_a_capture_read_as_bytes_is_kept_as_bytes_and_matched_by_the_runtime() -> None:
+    """Kept as its reply's bytes, a capture is what the next one is told to expect; the
+    runtime, not the memo, compares them (a snapshot read ``as_expected`` holds them)."""
+    memo = CaptureMemo(1 << 20)
+    raw = Pieces([b"*5\r\n:1000\r\n$9\r\nagent:t:a\r\n$6\r\nstring\r\n", b":-1\r\n$1\r\nv\r\n"])
+    kept = Snapshot("t", None, 1_000, True, raw=raw)
+    assert kept.flat == [b"agent:t:a", b"string", -1, b"v"] and kept.has_keys
+    memo.keep("t", "cp1", kept)
+    assert memo.size == estimate(kept) == raw.size() + 2 * 40
+    assert memo.expected("t", "cp1") is raw
+    assert memo.expected("t", "cp2") is None and memo.expected("u", "cp1") is None
+    assert memo.matches("t", "cp1", Snapshot("t", None, 2_000, True, raw=raw, as_expected=True))
+    equal_bytes = Pieces([b"".join(raw)])  # read again, not found as expected: not trusted
+    assert not memo.matches("t", "cp1", Snapshot("t", None, 2_000, True, raw=equal_bytes))
+    assert not memo.matches("t", "cp1", _snapshot(b"v"))  # objects never match bytes
+    assert not Snapshot("t", None, 1_000, True, raw=Pieces([b"*1\r\n:1000\r\n"])).has_keys
 
 
 def test_what_is_kept_stays_within_its_bound_least_recently_used_first() -> None:

@@ -43,6 +43,7 @@ import xxhash
 from .codec import Payload, make_payload, stored_payload
 from .errors import CorruptCheckpointError, UnreadableFormatError
 from .model import FORMAT_VERSION, RedisType, RuntimeEntry
+from .pieces import Pieces
 
 #: A base chunk ends after a row whose digest begins with ten zero bits (one row in
 #: 1,024): its first byte zero and its second below 64 (see :func:`ends_chunk`) ...
@@ -183,14 +184,19 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
 class Snapshot:
     """A task's runtime keys as read at one moment (when ``point_in_time``).
 
-    ``flat`` is what the capture scripts returned, in the order they read the keys
+    :attr:`flat` is what the capture scripts returned, in the order they read the keys
     (four items a key: see :func:`packed_rows`). Keys sorted, rows and digests are
     made the first time they are asked for, so an unchanged task, recognised by
-    comparing ``flat`` with an earlier read, costs no packing, hashing or sorting.
+    comparing the read with an earlier one, costs no packing, hashing or sorting.
+
+    A read of one script call may come with the reply's bytes (``raw``): the next
+    read can then be compared with them before it is parsed (see
+    :mod:`~cfn_checkpoint.runtime.reply`). One found equal holds no items of its own
+    (``_flat`` None): they are parsed from ``raw`` if ever asked for.
     """
 
     task_id: str
-    flat: list[Any]
+    _flat: list[Any] | None
     #: Server clock (ms since the epoch) at the moment of the read.
     captured_at_ms: int
     #: True when all keys were read in one atomic server-side step.
@@ -198,8 +204,34 @@ class Snapshot:
     #: True when the keys were read one Redis Cluster slot at a time (the reference
     #: layout on a cluster): never point in time.
     node_by_node: bool = False
+    #: The bytes of the one script reply read (its first item is the capture clock,
+    #: which may differ from ``captured_at_ms``), when they were kept.
+    raw: Pieces | None = field(default=None, repr=False)
+    #: True when the reply was found equal, but for its clock, to the bytes the capture
+    #: was told to expect (``raw`` is then those bytes).
+    as_expected: bool = False
     _packed: Packed | None = field(default=None, repr=False)
     _sizes: tuple[int, int, int] | None = field(default=None, repr=False)
+
+    @property
+    def flat(self) -> list[Any]:
+        """Four items a key, as the capture scripts returned them."""
+        if self._flat is None:
+            if self.raw is None:
+                raise ValueError("a snapshot holds its items or the bytes of its reply")
+            self._flat = self.raw.parse()[1:]
+        return self._flat
+
+    def share(self, flat: list[Any]) -> None:
+        """Hold ``flat``, an equal read kept from before, in place of this read's own."""
+        self._flat = flat
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether any key was read (known without parsing a reply)."""
+        if self._flat is None and self.raw is not None:
+            return not self.raw[0].startswith(b"*1\r\n")  # the clock alone
+        return bool(self.flat)
 
     @property
     def packed(self) -> Packed:
@@ -224,7 +256,8 @@ class Snapshot:
         flat = self.flat
         # Counted while the reply and the rows are in the caches: later (after they are
         # compressed) the same walks cost several times as much, 1.5 ms at 10,000 keys.
-        values = flat[3::4]
+        # The arrays count only for a read kept as objects, not as its reply's bytes.
+        values = [] if self.raw is not None else flat[3::4]
         lists = list(compress(values, map(is_, map(type, values), repeat(list))))
         packed = packed_rows(flat, self.captured_at_ms)
         self._sizes = (sum(map(len, packed.rows)), len(lists), sum(map(len, lists)))

@@ -69,6 +69,7 @@ from .model import (
     TaskState,
     TaskSummary,
 )
+from .pieces import Pieces
 from .runtime.connection import is_cluster_url
 from .runtime.embedded import EmbeddedRedis
 from .runtime.lock import TaskLock
@@ -356,20 +357,23 @@ class CheckpointManager:
             # An unchanged reply is swapped for the equal one kept before the collector
             # resumes (and would walk it: 15-20 ms at 100,000 keys). Only Redis is
             # waited on meanwhile: a few calls, each bounded by the command timeout.
-            snapshot = self._capture(task_id, newest)
+            expected = None
+            if newest is not None and known is not None:
+                expected = self._memo.expected(task_id, newest.checkpoint_id)
+            snapshot = self._capture(task_id, newest, expected)
             unchanged = (
                 newest is not None
                 and known is not None
                 and self._memo.matches(task_id, newest.checkpoint_id, snapshot)
             )
         durable = self.store.read_durable(task_id)
-        if not snapshot.flat and not durable.row_count:
+        if not snapshot.has_keys and not durable.row_count:
             raise CheckpointNotFoundError(
                 f"task {task_id} has no runtime keys and no durable rows: nothing to checkpoint"
             )
         if (
             trigger is CheckpointTrigger.PERIODIC
-            and not snapshot.flat
+            and not snapshot.has_keys
             and newest is not None
             and newest.key_count
         ):
@@ -507,13 +511,19 @@ class CheckpointManager:
         )
         return _Plan(meta, parts, keyframe, image.index())
 
-    def _capture(self, task_id: str, newest: CheckpointMetadata | None) -> Snapshot:
+    def _capture(
+        self, task_id: str, newest: CheckpointMetadata | None, expected: Pieces | None = None
+    ) -> Snapshot:
+        """The task's keys read; as bytes too when the memo may keep them, and compared
+        with ``expected`` (the bytes kept for ``newest``) before they are parsed."""
         cfg = self.config
         return self.runtime.capture(
             task_id,
             atomic_max_keys=cfg.atomic_max_keys,
             batch_keys=cfg.batch_keys,
             expected_keys=newest.key_count if newest is not None else 0,
+            raw=self._memo.max_bytes > 0,
+            expected=expected,
         )
 
     def _known_state(self, task_id: str, newest: CheckpointMetadata | None) -> _KnownState | None:

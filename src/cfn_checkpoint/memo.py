@@ -3,8 +3,12 @@
 A capture's flat reply (see :class:`~cfn_checkpoint.image.Snapshot`) holds every key's
 value and expiry instant as read. If a later capture of the task is equal to the one
 kept for its newest checkpoint, the task's runtime state is that checkpoint's: no row
-needs packing or hashing. What is kept is bounded by an estimate of the memory it
-takes, over all tasks, and is safe to use from several threads.
+needs packing or hashing. A capture read in one script call is kept as its reply's
+bytes (smaller than the objects), which the next capture is told to expect: the
+runtime then compares the bytes as they arrive and parses nothing when they agree
+(see :mod:`~cfn_checkpoint.runtime.reply`). Any other capture is kept as objects.
+What is kept is bounded by an estimate of the memory it takes, over all tasks, and is
+safe to use from several threads.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .image import Snapshot
+from .pieces import Pieces
 
 #: Estimated bytes a Python object in a reply takes besides its content (a ``bytes`` is
 #: 33 plus allocator rounding, an ``int`` 28-32, and each slot of a list holding it 8).
@@ -25,7 +30,9 @@ _PER_LIST = 56
 @dataclass(frozen=True, slots=True)
 class _Kept:
     checkpoint_id: str
-    flat: list[Any]
+    #: The reply's bytes, or (a capture not read in one call) its items.
+    raw: Pieces | None
+    flat: list[Any] | None
     size: int
 
 
@@ -44,33 +51,52 @@ class CaptureMemo:
         """The estimated bytes kept now."""
         return self._size
 
-    def matches(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> bool:
-        """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``.
-
-        If it does, ``snapshot`` takes the kept reply in place of its own (equal), so
-        its own is freed at once: a large reply left alive would cost the cyclic
-        collector a walk over all its objects.
-        """
+    def _get(self, task_id: str, checkpoint_id: str) -> _Kept | None:
         with self._lock:
             kept = self._kept.get(task_id)
             if kept is None or kept.checkpoint_id != checkpoint_id:
-                return False
+                return None
             self._kept.move_to_end(task_id)
-        if kept.flat != snapshot.flat:
+            return kept
+
+    def expected(self, task_id: str, checkpoint_id: str) -> Pieces | None:
+        """The reply bytes kept for ``checkpoint_id``, if it was kept so: what a capture
+        of an unchanged task reads as, but for its clock."""
+        with self._lock:
+            kept = self._kept.get(task_id)
+        return kept.raw if kept is not None and kept.checkpoint_id == checkpoint_id else None
+
+    def matches(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``.
+
+        A snapshot read :attr:`~Snapshot.as_expected` matches the bytes it was told
+        to expect (those kept: see :meth:`expected`). Otherwise, when objects are kept
+        and they are equal, ``snapshot`` takes the kept ones in place of its own, so
+        its own are freed at once: a large reply left alive would cost the cyclic
+        collector a walk over all its objects.
+        """
+        kept = self._get(task_id, checkpoint_id)
+        if kept is None:
             return False
-        snapshot.flat = kept.flat
+        if kept.raw is not None:
+            return snapshot.as_expected and snapshot.raw is kept.raw
+        if kept.flat is None or kept.flat != snapshot.flat:
+            return False
+        snapshot.share(kept.flat)
         return True
 
     def keep(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` as what ``checkpoint_id``'s runtime state reads as."""
         size = estimate(snapshot)
+        raw = snapshot.raw
         with self._lock:
             old = self._kept.pop(task_id, None)
             if old is not None:
                 self._size -= old.size
             if size > self.max_bytes:
                 return
-            self._kept[task_id] = _Kept(checkpoint_id, snapshot.flat, size)
+            flat = None if raw is not None else snapshot.flat
+            self._kept[task_id] = _Kept(checkpoint_id, raw, flat, size)
             self._size += size
             while self._size > self.max_bytes:
                 _, dropped = self._kept.popitem(last=False)
@@ -78,8 +104,11 @@ class CaptureMemo:
 
 
 def estimate(snapshot: Snapshot) -> int:
-    """Bytes that keeping ``snapshot``'s reply takes, estimated from above: its rows'
-    bytes plus a fixed cost per Python object (measured with tracemalloc: 0.5-0.85 of
-    this on tasks of small hash fields and of JSON strings)."""
+    """Bytes that keeping ``snapshot``'s reply takes: the length of its bytes when it
+    has them, otherwise an estimate from above: its rows' bytes plus a fixed cost per
+    Python object (measured with tracemalloc: 0.5-0.85 of this on tasks of small hash
+    fields and of JSON strings)."""
+    if snapshot.raw is not None:
+        return snapshot.raw.size() + _PER_OBJECT * len(snapshot.raw)
     row_bytes, lists, items = snapshot.sizes
     return row_bytes + _PER_OBJECT * (len(snapshot.flat) + items) + _PER_LIST * lists

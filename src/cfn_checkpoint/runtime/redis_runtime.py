@@ -27,8 +27,10 @@ from ..errors import CheckpointError, RestoreError, StoreUnavailableError
 from ..image import Packed, Snapshot, gc_paused, packed_rows
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
+from ..pieces import Pieces
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
+from .reply import call_script
 from .watch import KeyWatch, WatchPool
 
 __all__ = [
@@ -202,8 +204,15 @@ class RedisRuntime:
         atomic_max_keys: int = 50_000,
         batch_keys: int = 1_000,
         expected_keys: int = 0,
+        raw: bool = False,
+        expected: Pieces | None = None,
     ) -> Snapshot:
         """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
+
+        With ``raw``, a read in one script call on one server keeps its reply's bytes
+        (:attr:`Snapshot.raw`); given ``expected`` (such bytes, from an earlier read),
+        a reply equal to them but for its clock is not parsed, and the snapshot says
+        so (:attr:`Snapshot.as_expected`).
 
         While the database holds at most ``scan_in_script_max_keys`` keys, or at most
         twice the ``expected_keys`` the task is thought to have (its last checkpoint, or
@@ -238,9 +247,11 @@ class RedisRuntime:
                 atomic_max_keys,
                 cheap=self._scan_limit(expected_keys),
                 sample=0 if expected_keys else _SAMPLE_KEYS,
+                raw=raw,
+                expected=expected,
             )
-            if isinstance(found, tuple):
-                return Snapshot(task_id, found[1], found[0], True)
+            if isinstance(found, Snapshot):
+                return found
             scanned = found is _TOO_MANY
         # On one server, every change under the task's prefixes from before the listing
         # on is reported (a cluster checks its slot instead).
@@ -282,8 +293,8 @@ class RedisRuntime:
             # The task turns out to fill most of the database (a first checkpoint, or it
             # grew): one script finds and reads its keys, with no second listing.
             found = self._scan_read(task_id, atomic_max_keys)
-            if isinstance(found, tuple):
-                return Snapshot(task_id, found[1], found[0], True)
+            if isinstance(found, Snapshot):
+                return found
         if self.cluster and self.layout.cluster:
             for _ in range(_SLOT_ATTEMPTS):
                 if len(keys) > atomic_max_keys:
@@ -322,8 +333,8 @@ class RedisRuntime:
                 # them (blocking Redis for a scan of the database) rather than read a
                 # task of this size in batches.
                 found = self._scan_read(task_id, atomic_max_keys)
-                if isinstance(found, tuple):
-                    return Snapshot(task_id, found[1], found[0], True)
+                if isinstance(found, Snapshot):
+                    return found
         batches: list[Any] = []
         clock = 0
         if not self.cluster:
@@ -362,22 +373,46 @@ class RedisRuntime:
         return self._write([], writes)[0]
 
     def _scan_read(
-        self, task_id: str, max_keys: int, *, cheap: int | None = None, sample: int = 0
-    ) -> tuple[int, Any] | _Declined:
-        """``(clock, flat reply)`` of :data:`~.scripts.CAPTURE_SCAN`, or why it read
+        self,
+        task_id: str,
+        max_keys: int,
+        *,
+        cheap: int | None = None,
+        sample: int = 0,
+        raw: bool = False,
+        expected: Pieces | None = None,
+    ) -> Snapshot | _Declined:
+        """The task's keys read by :data:`~.scripts.CAPTURE_SCAN`, or why it read
         nothing: :data:`_TOO_MANY` keys found (more than ``max_keys``), or
         :data:`_COSTLY`: a database above ``cheap`` keys, unless ``sample`` > 0 and the
         sample puts the task at half of it or more, and at most ``max_keys``;
-        ``cheap=None``: whatever the database's size."""
+        ``cheap=None``: whatever the database's size. ``raw`` and ``expected``: see
+        :meth:`capture`."""
         pattern = self.layout.scan_pattern(task_id)
         limit = -1 if cheap is None else cheap  # -1: not checked
         args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT, limit, sample]
         args.extend(self.layout.task_prefixes(task_id))
-        with redis_errors(f"reading the keys of task {task_id}"), gc_paused():
-            reply = self._capture_scan(keys=[], args=args)
+        action = f"reading the keys of task {task_id}"
+        read = None
+        if raw or expected is not None:
+            with redis_errors(action), gc_paused():
+                try:
+                    read = call_script(self.client, self._capture_scan, args, expected)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    read = None  # called once more below, with redis-py's retries
+        if read is not None and read.value is None:
+            assert read.clock is not None  # the expected reply had one
+            return Snapshot(task_id, None, read.clock, True, raw=read.data, as_expected=True)
+        if read is not None:
+            reply = read.value
+        else:
+            with redis_errors(action), gc_paused():
+                reply = self._capture_scan(keys=[], args=args)
+        assert reply is not None
         if len(reply) == 3 and reply[1] in (-1, -2):  # a key is bytes, never an int
             return _TOO_MANY if reply[1] == -1 else _COSTLY
-        return int(reply[0]), reply[1:]
+        kept = None if read is None or not raw else read.data
+        return Snapshot(task_id, reply[1:], int(reply[0]), True, raw=kept)
 
     def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
         """``(clock, replies, script calls)``: one call, or on a cluster one per slot.

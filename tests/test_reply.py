@@ -1,0 +1,310 @@
+"""Capture replies read as bytes and compared before they are parsed (runtime/reply.py).
+
+Against a real Redis: an unchanged task's reply is recognised without being parsed, and
+any difference (a value, a TTL, a key more or less) makes it parsed, exactly as redis-py
+parses it. The framing cases a server seldom produces on demand (a reply whose first
+bytes come alone, a push message ahead of it, bytes after it) are fed through a real
+socket pair.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.commands.core import Script
+
+from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
+from cfn_checkpoint.image import Snapshot
+from cfn_checkpoint.pieces import Pieces
+from cfn_checkpoint.runtime.redis_runtime import RedisClient, RedisRuntime
+from cfn_checkpoint.runtime.reply import _read, call_script, clock_span
+
+from conftest import wipe
+
+TASK = "t"
+
+
+@pytest.fixture()
+def own_layout(plain_redis_url: str, prefix: str) -> Iterator[KeyLayout]:
+    layout = KeyLayout(prefix=prefix)
+    yield layout
+    client = redis.Redis.from_url(plain_redis_url)
+    wipe(client, prefix)
+    client.close()
+
+
+def _runtime(url: str, layout: KeyLayout, **options: Any) -> RedisRuntime:
+    # A hang (a reply waited for that never comes) fails fast instead of in 10 s.
+    return RedisRuntime(redis.Redis.from_url(url, socket_timeout=3, **options), layout=layout)
+
+
+def _fill(client: RedisClient, layout: KeyLayout) -> None:
+    client.set(layout.key("agent", TASK, "a"), b'{"step": 1}')
+    client.set(layout.key("signal", TASK, "done"), b"1", px=600_000)
+    client.rpush(layout.key("queue", TASK, "q"), b"x", b"y")
+    client.hset(layout.key("agent", TASK, "h"), mapping={b"f": b"v"})
+    client.sadd(layout.key("agent", TASK, "s"), b"m")
+
+
+def test_a_reply_equal_but_for_its_clock_is_not_parsed(
+    plain_redis_url: str, own_layout: KeyLayout
+) -> None:
+    runtime = _runtime(plain_redis_url, own_layout)
+    _fill(runtime.client, own_layout)
+    plain = _runtime(plain_redis_url, own_layout).capture(TASK)  # read as redis-py reads
+    first = _settled(runtime)
+    assert first.raw is not None and first.packed == plain.packed
+    time.sleep(0.005)  # a later clock
+    again = runtime.capture(TASK, raw=True, expected=first.raw)
+    assert again.as_expected and again.raw is first.raw
+    assert again._flat is None and again.has_keys  # nothing parsed to know that
+    assert again.captured_at_ms > first.captured_at_ms  # its own clock, read from the bytes
+    assert again.flat == first.flat  # parsed when asked for
+    runtime.client.close()
+
+
+def _settled(runtime: RedisRuntime) -> Snapshot:
+    """A capture read with its bytes, once two reads in a row agree: while Redis rehashes
+    its key table after writes, SCAN may return the same keys in another order."""
+    read = runtime.capture(TASK, raw=True)
+    for _ in range(50):
+        again = runtime.capture(TASK, raw=True, expected=read.raw)
+        if again.as_expected:
+            return read
+        read = again
+        time.sleep(0.01)
+    raise AssertionError("two reads of an unchanged task never agreed")
+
+
+CHANGES: dict[str, Callable[[RedisClient, KeyLayout], object]] = {
+    "a value, same length": lambda c, lay: c.set(lay.key("agent", TASK, "a"), b'{"step": 2}'),
+    "a value, longer": lambda c, lay: c.set(lay.key("agent", TASK, "a"), b'{"step": 12}'),
+    "a TTL set": lambda c, lay: c.pexpire(lay.key("agent", TASK, "a"), 600_000),
+    "a TTL renewed": lambda c, lay: c.pexpire(lay.key("signal", TASK, "done"), 900_000),
+    "a key more": lambda c, lay: c.set(lay.key("agent", TASK, "b"), b"new"),
+    "a key less": lambda c, lay: c.delete(lay.key("queue", TASK, "q")),
+    "every key gone": lambda c, lay: c.delete(*c.keys(lay.prefix.encode() + b"*")),
+    "a list item": lambda c, lay: c.rpush(lay.key("queue", TASK, "q"), b"z"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_reply_that_differs_anywhere_is_parsed(
+    plain_redis_url: str, own_layout: KeyLayout, change: str
+) -> None:
+    runtime = _runtime(plain_redis_url, own_layout)
+    _fill(runtime.client, own_layout)
+    first = _settled(runtime)
+    CHANGES[change](runtime.client, own_layout)
+    again = runtime.capture(TASK, raw=True, expected=first.raw)
+    assert not again.as_expected and again.raw is not first.raw
+    assert again.packed == _runtime(plain_redis_url, own_layout).capture(TASK).packed
+    assert again.packed != first.packed
+    assert again.has_keys == (change != "every key gone")
+    runtime.client.close()
+
+
+def test_a_task_without_keys_reads_as_expected(plain_redis_url: str, own_layout: KeyLayout) -> None:
+    runtime = _runtime(plain_redis_url, own_layout)
+    first = runtime.capture(TASK, raw=True)
+    again = runtime.capture(TASK, raw=True, expected=first.raw)
+    assert again.as_expected and not again.has_keys and again.flat == []
+    runtime.client.close()
+
+
+def test_a_lost_connection_is_replaced_and_the_read_made_again(
+    plain_redis_url: str, own_layout: KeyLayout
+) -> None:
+    runtime = _runtime(plain_redis_url, own_layout)
+    _fill(runtime.client, own_layout)
+    first = _settled(runtime)
+    own_id = runtime.client.client_id()  # the pool's one connection, used by the capture
+    admin = redis.Redis.from_url(plain_redis_url)
+    admin.client_kill_filter(_id=str(own_id))
+    admin.close()
+    again = runtime.capture(TASK, raw=True, expected=first.raw)
+    assert again.as_expected and again.flat == first.flat
+    runtime.client.close()
+
+
+def test_a_script_redis_has_forgotten_is_loaded_again() -> None:
+    """On a server of its own: SCRIPT FLUSH would disturb other tests."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        runtime = _runtime(server.url, layout)
+        _fill(runtime.client, layout)
+        first = _settled(runtime)
+        runtime.client.script_flush()
+        again = runtime.capture(TASK, raw=True, expected=first.raw)
+        assert again.as_expected
+        runtime.client.script_flush()
+        runtime.client.set(layout.key("agent", TASK, "a"), b"changed")
+        assert runtime.capture(TASK, raw=True, expected=first.raw).flat != first.flat
+        runtime.client.close()
+
+
+def test_a_reply_that_does_not_come_in_time_is_a_timeout() -> None:
+    """A script on another connection keeps Redis busy past the socket timeout: the
+    read gives up with redis-py's TimeoutError, and the connection is closed, so the
+    late reply is never taken for the next call's."""
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=0.3)
+        script = Script(client, "return {1, 'x'}")
+        client.script_load(script.script)
+        busy = redis.Redis.from_url(server.url)
+        spin = "local t = redis.call('TIME') repeat until redis.call('TIME')[1] - t[1] >= 2"
+        worker = threading.Thread(target=busy.eval, args=(spin, 0))
+        worker.start()
+        time.sleep(0.2)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                call_script(client, script, [])
+        finally:
+            worker.join()
+            busy.close()
+        read = call_script(client, script, [])
+        assert read is not None and read.value == [1, b"x"]
+        client.close()
+
+
+def test_a_refused_script_raises_redis_error(plain_redis_url: str) -> None:
+    client = redis.Redis.from_url(plain_redis_url)
+    script = Script(client, "return redis.error_reply('ERR no thanks')")
+    with pytest.raises(redis.ResponseError, match="no thanks"):
+        call_script(client, script, [])
+    assert client.ping()  # the connection is fine for the next call
+    client.close()
+
+
+def test_clients_read_otherwise_are_left_to_redis_py(plain_redis_url: str) -> None:
+    script_text = "return {1}"
+    for options in ({"decode_responses": True}, {"single_connection_client": True}):
+        client = redis.Redis.from_url(plain_redis_url, **options)
+        assert call_script(client, Script(client, script_text), []) is None
+        client.close()
+
+
+# -- framing, through a socket pair ------------------------------------------------------------
+
+REPLY = b"*3\r\n:1700000000000\r\n$3\r\nabc\r\n*2\r\n$1\r\nx\r\n:-1\r\n"
+LATER = REPLY.replace(b"1700000000000", b"1700000000123")
+
+
+class _Pushes:
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def handle_push_response(self, response: Any) -> None:
+        self.seen.append(response)
+
+
+def _feed(
+    parts: list[bytes], expected: Pieces | None, parser: Any = None, *, close: bool = False
+) -> Any:
+    """What :func:`_read` makes of ``parts`` sent one at a time (then the connection
+    closed, with ``close``)."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(2)
+
+    def send() -> None:
+        for part in parts:
+            theirs.sendall(part)
+            time.sleep(0.02)  # each part its own recv
+        if close:
+            theirs.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        return _read(ours, expected, parser)
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_the_clock_is_found_only_where_a_capture_reply_has_it() -> None:
+    assert clock_span(Pieces([REPLY])) == (5, 18)
+    assert clock_span(Pieces([b"*1\r\n$1\r\nx\r\n"])) is None
+    assert clock_span(Pieces([b"*1\r\n:17"])) is None  # the line does not end in it
+    assert clock_span(Pieces([b":5\r\n"])) is None
+    assert clock_span(Pieces()) is None
+
+
+@pytest.mark.parametrize("cut", [1, 7, 18, 19, 20, 30, len(REPLY) - 1])
+def test_a_reply_in_any_pieces_matches_or_is_parsed(cut: int) -> None:
+    expected = Pieces([REPLY[:24], REPLY[24:33], REPLY[33:]])  # kept in pieces of their own
+    read = _feed([LATER[:cut], LATER[cut:]], expected)
+    if cut >= 20:  # the clock and its line end came first: compared, not parsed
+        assert read.value is None and read.clock == 1700000000123 and read.data is expected
+    else:
+        assert read.value == [1700000000123, b"abc", [b"x", -1]]
+    other = LATER.replace(b"abc", b"abd")
+    assert _feed([other[:cut], other[cut:]], expected).value == [1700000000123, b"abd", [b"x", -1]]
+    shorter = b"*2\r\n:1700000000123\r\n$3\r\nabc\r\n"  # ends before the expected one
+    assert _feed([shorter], expected).value == [1700000000123, b"abc"]
+    longer = LATER.replace(b"*3", b"*4", 1) + b":7\r\n"  # a key more
+    assert _feed([longer[:cut], longer[cut:]], expected).value == [
+        1700000000123,
+        b"abc",
+        [b"x", -1],
+        7,
+    ]
+
+
+def test_a_kept_reply_whose_first_piece_ends_inside_the_clock_is_never_matched() -> None:
+    read = _feed([LATER], Pieces([REPLY[:11], REPLY[11:]]))
+    assert read.value == [1700000000123, b"abc", [b"x", -1]]  # parsed: still right
+
+
+def test_a_push_message_ahead_of_the_reply_goes_to_redis_py() -> None:
+    push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+    pushes = _Pushes()
+    read = _feed([push + LATER], Pieces([REPLY]), pushes)
+    assert read.value == [1700000000123, b"abc", [b"x", -1]]
+    assert len(pushes.seen) == 1 and pushes.seen[0][0] == b"invalidate"
+    assert read.data == Pieces([push + LATER])  # kept as read: it matches nothing later
+
+
+def test_bytes_after_the_reply_are_a_protocol_error() -> None:
+    with pytest.raises(redis.exceptions.InvalidResponse, match="more than one reply"):
+        _feed([LATER + b"+OK\r\n"], None)
+
+
+def test_a_connection_closed_mid_reply_is_a_connection_error() -> None:
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        _feed([LATER[:25]], Pieces([REPLY]), close=True)
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        _feed([LATER[:25]], None, close=True)
+
+
+def test_an_unchanged_task_whose_durable_rows_changed_is_recorded_whole(
+    plain_redis_url: str, own_layout: KeyLayout, tmp_path: Path
+) -> None:
+    """The runtime reads as kept (its reply not parsed), the durable rows do not: the
+    new checkpoint's runtime keys come from the kept bytes, and recover exactly."""
+    url = f"sqlite:///{tmp_path / 'cp.db'}"
+    with CheckpointManager.open(plain_redis_url, url, layout=own_layout) as mgr:
+        client = mgr.runtime.client
+        assert isinstance(client, redis.Redis)
+        _fill(client, own_layout)
+        first = mgr.create_checkpoint(TASK)
+        assert mgr._memo.expected(TASK, first.checkpoint_id) is not None
+        assert mgr.create_checkpoint(TASK).checkpoint_id == first.checkpoint_id
+        mgr.durable.record_audit_event(TASK, "step", agent_id="a1")
+        second = mgr.create_checkpoint(TASK)
+        assert second.checkpoint_id != first.checkpoint_id
+        assert second.runtime_state_hash == first.runtime_state_hash
+        assert second.key_count == first.key_count == 5
+        before = {k: client.dump(k) for k in client.keys(own_layout.prefix.encode() + b"*")}
+        client.delete(*before)
+        mgr.recover_from_checkpoint(TASK, second.checkpoint_id)
+        after = {k: client.dump(k) for k in client.keys(own_layout.prefix.encode() + b"*")}
+        assert after == before
