@@ -47,7 +47,7 @@ def test_a_capture_read_as_bytes_is_kept_as_bytes_and_matched_by_the_runtime() -
     kept = Snapshot("t", None, 1_000, True, raw=raw)
     assert kept.flat == [b"agent:t:a", b"string", -1, b"v"] and kept.has_keys
     memo.keep("t", "cp1", kept)
-    assert memo.size == estimate(kept) == raw.size() + 2 * 40
+    assert memo.size == estimate(kept) == raw.size() + 2 * 4096
     assert memo.expected("t", "cp1") is raw
     assert memo.expected("t", "cp2") is None and memo.expected("u", "cp1") is None
     assert memo.matches("t", "cp1", Snapshot("t", None, 2_000, True, raw=raw, as_expected=True))

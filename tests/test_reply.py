@@ -40,9 +40,9 @@ def own_layout(plain_redis_url: str, prefix: str) -> Iterator[KeyLayout]:
     client.close()
 
 
-def _runtime(url: str, layout: KeyLayout, **options: Any) -> RedisRuntime:
+def _runtime(url: str, layout: KeyLayout, timeout: float = 3) -> RedisRuntime:
     # A hang (a reply waited for that never comes) fails fast instead of in 10 s.
-    return RedisRuntime(redis.Redis.from_url(url, socket_timeout=3, **options), layout=layout)
+    return RedisRuntime(redis.Redis.from_url(url, socket_timeout=timeout), layout=layout)
 
 
 def _fill(client: RedisClient, layout: KeyLayout) -> None:
@@ -174,13 +174,59 @@ def test_a_reply_that_does_not_come_in_time_is_a_timeout() -> None:
         client.close()
 
 
-def test_a_refused_script_raises_redis_error(plain_redis_url: str) -> None:
+def test_an_error_reply_is_raised_as_redis_py_raises_it(plain_redis_url: str) -> None:
     client = redis.Redis.from_url(plain_redis_url)
-    script = Script(client, "return redis.error_reply('ERR no thanks')")
+    own_id = client.client_id()
+    refused = Script(client, "return redis.error_reply('ERR no thanks')")
     with pytest.raises(redis.ResponseError, match="no thanks"):
-        call_script(client, script, [])
-    assert client.ping()  # the connection is fine for the next call
+        call_script(client, refused, [])
+    assert client.client_id() == own_id  # the connection stays: it read the whole reply
+    # redis-py counts LOADING (a restarted server still reading its data) as a lost
+    # connection, which its retries wait out: so does the caller's fallback.
+    loading = Script(client, "return redis.error_reply('LOADING Redis is loading the dataset')")
+    with pytest.raises(redis.BusyLoadingError):
+        call_script(client, loading, [])
     client.close()
+
+
+def test_a_read_that_fails_is_made_again_through_redis_py() -> None:
+    """A capture whose bytes do not come in time (another client's script keeps Redis
+    busy) is asked again the usual way, which waits for it: the capture succeeds, read
+    by redis-py, so nothing is kept as bytes."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        runtime = _runtime(server.url, layout, timeout=0.6)
+        _fill(runtime.client, layout)
+        first = _settled(runtime)
+        busy = redis.Redis.from_url(server.url)
+        spin = "local t = redis.call('TIME') repeat until redis.call('TIME')[1] - t[1] >= 1"
+        worker = threading.Thread(target=busy.eval, args=(spin, 0))
+        worker.start()
+        time.sleep(0.1)
+        try:
+            again = runtime.capture(TASK, raw=True, expected=first.raw)
+        finally:
+            worker.join()
+            busy.close()
+        assert not again.as_expected and again.raw is None
+        assert again.packed == first.packed
+        runtime.client.close()
+
+
+def test_a_script_is_loaded_again_on_the_connection_already_held() -> None:
+    """With a pool of one connection, loading the script on another one would wait for
+    the pool's timeout."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        pool = redis.BlockingConnectionPool.from_url(server.url, max_connections=1, timeout=5)
+        runtime = RedisRuntime(redis.Redis(connection_pool=pool), layout=layout)
+        _fill(runtime.client, layout)
+        first = _settled(runtime)
+        runtime.client.script_flush()
+        started = time.monotonic()
+        again = runtime.capture(TASK, raw=True, expected=first.raw)
+        assert again.as_expected and time.monotonic() - started < 2
+        runtime.client.close()
 
 
 def test_clients_read_otherwise_are_left_to_redis_py(plain_redis_url: str) -> None:
@@ -206,10 +252,16 @@ class _Pushes:
 
 
 def _feed(
-    parts: list[bytes], expected: Pieces | None, parser: Any = None, *, close: bool = False
+    parts: list[bytes],
+    expected: Pieces | None,
+    parser: Any = None,
+    *,
+    close: bool = False,
+    with_clean: bool = False,
 ) -> Any:
     """What :func:`_read` makes of ``parts`` sent one at a time (then the connection
-    closed, with ``close``)."""
+    closed, with ``close``): the reply, and with ``with_clean`` whether nothing was
+    left unread after it."""
     ours, theirs = socket.socketpair()
     ours.settimeout(2)
 
@@ -223,7 +275,8 @@ def _feed(
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        return _read(ours, expected, parser)
+        reply, clean = _read(ours, expected, parser)
+        return reply if not with_clean else (reply, clean)
     finally:
         sender.join()
         ours.close()
@@ -271,6 +324,30 @@ def test_a_push_message_ahead_of_the_reply_goes_to_redis_py() -> None:
     assert read.value == [1700000000123, b"abc", [b"x", -1]]
     assert len(pushes.seen) == 1 and pushes.seen[0][0] == b"invalidate"
     assert read.data == Pieces([push + LATER])  # kept as read: it matches nothing later
+
+
+def test_push_messages_right_after_the_reply_go_to_redis_py_too() -> None:
+    push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+    pushes = _Pushes()
+    read, clean = _feed([LATER + push], Pieces([REPLY]), pushes, with_clean=True)
+    assert read.value == [1700000000123, b"abc", [b"x", -1]] and clean
+    assert len(pushes.seen) == 1
+    # Half a push after the reply: the reply is good, the connection is not (closed).
+    read, clean = _feed([LATER + push[:12]], Pieces([REPLY]), pushes, with_clean=True)
+    assert read.value == [1700000000123, b"abc", [b"x", -1]] and not clean
+
+
+def test_a_reply_that_is_false_is_a_reply() -> None:
+    """RESP3's false is a whole reply, not the reader's "not yet" (which would wait on
+    the socket until its timeout)."""
+    assert _feed([b"#f\r\n"], None).value is False
+
+
+def test_bytes_that_are_not_one_reply_cannot_be_parsed_later() -> None:
+    assert Pieces([REPLY]).parse() == [1700000000000, b"abc", [b"x", -1]]
+    for bad in (REPLY[:-3], REPLY + b"+OK\r\n"):
+        with pytest.raises(ValueError, match="exactly one reply"):
+            Pieces([bad]).parse()
 
 
 def test_bytes_after_the_reply_are_a_protocol_error() -> None:

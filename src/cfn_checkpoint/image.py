@@ -213,6 +213,12 @@ class Snapshot:
     _packed: Packed | None = field(default=None, repr=False)
     _sizes: tuple[int, int, int] | None = field(default=None, repr=False)
 
+    @classmethod
+    def read_as_expected(cls, task_id: str, raw: Pieces, captured_at_ms: int) -> Snapshot:
+        """A point-in-time read whose reply equalled ``raw``, the bytes it was told to
+        expect, but for its clock ``captured_at_ms``: nothing of it is parsed yet."""
+        return cls(task_id, None, captured_at_ms, point_in_time=True, raw=raw, as_expected=True)
+
     @property
     def flat(self) -> list[Any]:
         """Four items a key, as the capture scripts returned them."""
@@ -230,7 +236,9 @@ class Snapshot:
     def has_keys(self) -> bool:
         """Whether any key was read (known without parsing a reply)."""
         if self._flat is None and self.raw is not None:
-            return not self.raw[0].startswith(b"*1\r\n")  # the clock alone
+            # Bytes held unparsed are those of a capture's reply (its clock first: see
+            # runtime.reply.clock_span), so an array of one item holds the clock alone.
+            return not self.raw[0].startswith(b"*1\r\n")
         return bool(self.flat)
 
     @property
@@ -246,7 +254,9 @@ class Snapshot:
     @property
     def sizes(self) -> tuple[int, int, int]:
         """``(bytes of all rows, values that are arrays, items in them)``: what keeping
-        the reply costs in memory (see :func:`~cfn_checkpoint.memo.estimate`)."""
+        the reply as objects costs in memory (see :func:`~cfn_checkpoint.memo.estimate`).
+        A snapshot that holds its reply's bytes is kept as those: its arrays are not
+        counted (0, 0)."""
         if self._sizes is None:
             self._pack()
         assert self._sizes is not None

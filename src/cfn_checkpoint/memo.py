@@ -25,6 +25,10 @@ from .pieces import Pieces
 #: 33 plus allocator rounding, an ``int`` 28-32, and each slot of a list holding it 8).
 _PER_OBJECT = 40
 _PER_LIST = 56
+#: ... and what a piece of a reply's bytes may take besides them: the rest of a page (a
+#: large piece is received into an allocation of its own, shrunk to fit; small ones
+#: are copied out: see :mod:`~cfn_checkpoint.runtime.reply`).
+_PER_PIECE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +108,11 @@ class CaptureMemo:
 
 
 def estimate(snapshot: Snapshot) -> int:
-    """Bytes that keeping ``snapshot``'s reply takes: the length of its bytes when it
-    has them, otherwise an estimate from above: its rows' bytes plus a fixed cost per
-    Python object (measured with tracemalloc: 0.5-0.85 of this on tasks of small hash
-    fields and of JSON strings)."""
+    """Bytes that keeping ``snapshot``'s reply takes, estimated from above: its bytes
+    and a page a piece when it has them; otherwise its rows' bytes plus a fixed cost
+    per Python object (measured with tracemalloc: 0.5-0.85 of this on tasks of small
+    hash fields and of JSON strings)."""
     if snapshot.raw is not None:
-        return snapshot.raw.size() + _PER_OBJECT * len(snapshot.raw)
+        return snapshot.raw.size() + _PER_PIECE * len(snapshot.raw)
     row_bytes, lists, items = snapshot.sizes
     return row_bytes + _PER_OBJECT * (len(snapshot.flat) + items) + _PER_LIST * lists

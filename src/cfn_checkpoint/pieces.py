@@ -7,6 +7,8 @@ from itertools import accumulate
 from typing import Any
 
 import hiredis
+from redis._parsers import BaseParser
+from redis.exceptions import InvalidResponse
 
 
 class Pieces(tuple[bytes, ...]):
@@ -41,8 +43,25 @@ class Pieces(tuple[bytes, ...]):
         return True
 
     def parse(self) -> Any:
-        """The reply these bytes hold, parsed."""
-        reader = hiredis.Reader()
+        """The one reply these bytes hold, parsed as when they were read (see
+        :func:`resp_reader`)."""
+        reader = resp_reader()
         for piece in self:
             reader.feed(piece)
-        return reader.gets()
+        value = reader.gets()
+        if value is INCOMPLETE or reader.has_data():
+            raise ValueError("these bytes do not hold exactly one reply")
+        return value
+
+
+#: What a reader gives while a reply is not complete (a reply may itself be False: a
+#: RESP3 boolean).
+INCOMPLETE = object()
+
+
+def resp_reader() -> Any:
+    """A hiredis reader of RESP2 and RESP3 replies, giving bytes (no decoding) and error
+    replies as redis-py's exceptions, as redis-py's own parser does."""
+    return hiredis.Reader(
+        protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=INCOMPLETE
+    )

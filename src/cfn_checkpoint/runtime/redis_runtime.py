@@ -402,7 +402,7 @@ class RedisRuntime:
                     read = None  # called once more below, with redis-py's retries
         if read is not None and read.value is None:
             assert read.clock is not None  # the expected reply had one
-            return Snapshot(task_id, None, read.clock, True, raw=read.data, as_expected=True)
+            return Snapshot.read_as_expected(task_id, read.data, read.clock)
         if read is not None:
             reply = read.value
         else:
@@ -412,7 +412,7 @@ class RedisRuntime:
         if len(reply) == 3 and reply[1] in (-1, -2):  # a key is bytes, never an int
             return _TOO_MANY if reply[1] == -1 else _COSTLY
         kept = None if read is None or not raw else read.data
-        return Snapshot(task_id, reply[1:], int(reply[0]), True, raw=kept)
+        return Snapshot(task_id, reply[1:], int(reply[0]), point_in_time=True, raw=kept)
 
     def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
         """``(clock, replies, script calls)``: one call, or on a cluster one per slot.
