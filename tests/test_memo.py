@@ -40,21 +40,49 @@ def test_a_capture_matches_only_its_checkpoint_and_an_equal_read() -> None:
 
 
 def test_a_capture_read_as_bytes_is_kept_as_bytes_and_matched_by_the_runtime() -> None:
-    """Kept as its reply's bytes, a capture is what the next one is told to expect; the
+    """Kept as its replies' bytes, a capture is what the next one is told to expect; the
     runtime, not the memo, compares them (a snapshot read ``as_expected`` holds them)."""
     memo = CaptureMemo(1 << 20)
-    raw = Pieces([b"*5\r\n:1000\r\n$9\r\nagent:t:a\r\n$6\r\nstring\r\n", b":-1\r\n$1\r\nv\r\n"])
+    one = b"*5\r\n:1000\r\n$9\r\nagent:t:a\r\n$6\r\nstring\r\n"
+    raw = (Pieces([one, b":-1\r\n$1\r\nv\r\n"]), Pieces([b"*1\r\n:1001\r\n"]))
     kept = Snapshot("t", None, 1_000, True, raw=raw)
     assert kept.flat == [b"agent:t:a", b"string", -1, b"v"] and kept.has_keys
     memo.keep("t", "cp1", kept)
-    assert memo.size == estimate(kept) == raw.size() + 2 * 4096
+    assert memo.size == estimate(kept) == sum(r.size() for r in raw) + 3 * 128
     assert memo.expected("t", "cp1") is raw
     assert memo.expected("t", "cp2") is None and memo.expected("u", "cp1") is None
     assert memo.matches("t", "cp1", Snapshot("t", None, 2_000, True, raw=raw, as_expected=True))
-    equal_bytes = Pieces([b"".join(raw)])  # read again, not found as expected: not trusted
+    equal_bytes = tuple(Pieces([b"".join(r)]) for r in raw)  # not found as expected
     assert not memo.matches("t", "cp1", Snapshot("t", None, 2_000, True, raw=equal_bytes))
     assert not memo.matches("t", "cp1", _snapshot(b"v"))  # objects never match bytes
-    assert not Snapshot("t", None, 1_000, True, raw=Pieces([b"*1\r\n:1000\r\n"])).has_keys
+    empty = (Pieces([b"*1\r\n:1000\r\n"]), Pieces([b"*1\r\n:1000\r\n"]))
+    assert not Snapshot("t", None, 1_000, True, raw=empty).has_keys
+
+
+def test_objects_kept_give_way_to_bytes_once_an_equal_read_brings_them() -> None:
+    """A task first read the pipelined way is kept as objects; once a read of it comes
+    with its replies' bytes and matches, the bytes are kept instead."""
+    memo = CaptureMemo(1 << 20)
+    memo.keep("t", "cp1", _snapshot(b"v"))
+    assert memo.expected("t", "cp1") is None
+    raw = (Pieces([_reply(_snapshot(b"v").flat)]),)
+    read = Snapshot("t", None, 2_000, True, raw=raw)
+    assert memo.matches("t", "cp1", read)
+    assert memo.expected("t", "cp1") is raw and memo.size == estimate(read)
+
+
+def _reply(flat: list[object]) -> bytes:
+    """The RESP2 bytes of a capture reply holding ``flat`` after a clock."""
+
+    def one(item: object) -> bytes:
+        if isinstance(item, bytes):
+            return b"$%d\r\n%b\r\n" % (len(item), item)
+        if isinstance(item, int):
+            return b":%d\r\n" % item
+        assert isinstance(item, list)
+        return b"*%d\r\n" % len(item) + b"".join(map(one, item))
+
+    return one([1_000, *flat])
 
 
 def test_what_is_kept_stays_within_its_bound_least_recently_used_first() -> None:

@@ -119,6 +119,34 @@ def test_a_task_without_keys_reads_as_expected(plain_redis_url: str, own_layout:
     runtime.client.close()
 
 
+def test_a_task_read_in_batches_is_compared_batch_by_batch(
+    plain_redis_url: str, own_layout: KeyLayout
+) -> None:
+    """A task larger than ``atomic_max_keys`` is read a batch at a time, each batch's
+    reply compared with the same batch's bytes from before."""
+    runtime = _runtime(plain_redis_url, own_layout)
+    _fill(runtime.client, own_layout)
+    options: dict[str, Any] = {"atomic_max_keys": 3, "batch_keys": 2, "expected_keys": 5}
+    first = runtime.capture(TASK, raw=True, **options)
+    assert first.raw is not None and len(first.raw) == 3 and not first.point_in_time
+    plain = _runtime(plain_redis_url, own_layout).capture(TASK, **options)
+    assert first.packed == plain.packed
+    again = runtime.capture(TASK, raw=True, expected=first.raw, **options)
+    assert again.as_expected and again.raw is first.raw and again._flat is None
+    assert again.flat == first.flat and again.has_keys
+    runtime.client.set(own_layout.key("signal", TASK, "done"), b"2", keepttl=True)
+    changed = runtime.capture(TASK, raw=True, expected=first.raw, **options)
+    assert not changed.as_expected and changed.raw is not None
+    # The batches that read as before keep the bytes from before; the changed one, its own.
+    assert changed.raw[0] is first.raw[0] and changed.raw[2] is not first.raw[2]
+    assert changed.packed == _runtime(plain_redis_url, own_layout).capture(TASK, **options).packed
+    runtime.client.set(own_layout.key("agent", TASK, "b"), b"new")  # the batches shift
+    more = runtime.capture(TASK, raw=True, expected=changed.raw, **options)
+    assert not more.as_expected and len(more.packed.keys) == 6
+    assert more.packed == _runtime(plain_redis_url, own_layout).capture(TASK, **options).packed
+    runtime.client.close()
+
+
 def test_a_lost_connection_is_replaced_and_the_read_made_again(
     plain_redis_url: str, own_layout: KeyLayout
 ) -> None:

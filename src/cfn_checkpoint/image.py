@@ -189,8 +189,9 @@ class Snapshot:
     made the first time they are asked for, so an unchanged task, recognised by
     comparing the read with an earlier one, costs no packing, hashing or sorting.
 
-    A read of one script call may come with the reply's bytes (``raw``): the next
-    read can then be compared with them before it is parsed (see
+    A read on one server may come with the bytes of its script calls' replies
+    (``raw``, one :class:`~cfn_checkpoint.pieces.Pieces` a call): the next read can
+    then be compared with them before it is parsed (see
     :mod:`~cfn_checkpoint.runtime.reply`). One found equal holds no items of its own
     (``_flat`` None): they are parsed from ``raw`` if ever asked for.
     """
@@ -204,20 +205,14 @@ class Snapshot:
     #: True when the keys were read one Redis Cluster slot at a time (the reference
     #: layout on a cluster): never point in time.
     node_by_node: bool = False
-    #: The bytes of the one script reply read (its first item is the capture clock,
-    #: which may differ from ``captured_at_ms``), when they were kept.
-    raw: Pieces | None = field(default=None, repr=False)
-    #: True when the reply was found equal, but for its clock, to the bytes the capture
-    #: was told to expect (``raw`` is then those bytes).
+    #: The bytes of each script reply read, when they were kept (each reply's first
+    #: item is the clock of its call, which may differ from ``captured_at_ms``).
+    raw: tuple[Pieces, ...] | None = field(default=None, repr=False)
+    #: True when every reply was found equal, but for its clock, to the bytes the
+    #: capture was told to expect (``raw`` is then those bytes, the same object).
     as_expected: bool = False
     _packed: Packed | None = field(default=None, repr=False)
     _sizes: tuple[int, int, int] | None = field(default=None, repr=False)
-
-    @classmethod
-    def read_as_expected(cls, task_id: str, raw: Pieces, captured_at_ms: int) -> Snapshot:
-        """A point-in-time read whose reply equalled ``raw``, the bytes it was told to
-        expect, but for its clock ``captured_at_ms``: nothing of it is parsed yet."""
-        return cls(task_id, None, captured_at_ms, point_in_time=True, raw=raw, as_expected=True)
 
     @property
     def flat(self) -> list[Any]:
@@ -225,7 +220,7 @@ class Snapshot:
         if self._flat is None:
             if self.raw is None:
                 raise ValueError("a snapshot holds its items or the bytes of its reply")
-            self._flat = self.raw.parse()[1:]
+            self._flat = [item for reply in self.raw for item in reply.parse()[1:]]
         return self._flat
 
     def share(self, flat: list[Any]) -> None:
@@ -236,9 +231,9 @@ class Snapshot:
     def has_keys(self) -> bool:
         """Whether any key was read (known without parsing a reply)."""
         if self._flat is None and self.raw is not None:
-            # Bytes held unparsed are those of a capture's reply (its clock first: see
-            # runtime.reply.clock_span), so an array of one item holds the clock alone.
-            return not self.raw[0].startswith(b"*1\r\n")
+            # Bytes held unparsed are those of capture replies (each its clock first:
+            # see runtime.reply.clock_span), so an array of one item holds the clock alone.
+            return not all(reply[0].startswith(b"*1\r\n") for reply in self.raw)
         return bool(self.flat)
 
     @property

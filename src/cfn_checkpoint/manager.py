@@ -512,7 +512,10 @@ class CheckpointManager:
         return _Plan(meta, parts, keyframe, image.index())
 
     def _capture(
-        self, task_id: str, newest: CheckpointMetadata | None, expected: Pieces | None = None
+        self,
+        task_id: str,
+        newest: CheckpointMetadata | None,
+        expected: tuple[Pieces, ...] | None = None,
     ) -> Snapshot:
         """The task's keys read; as bytes too when the memo may keep them, and compared
         with ``expected`` (the bytes kept for ``newest``) before they are parsed."""
