@@ -59,16 +59,28 @@ def test_a_capture_read_as_bytes_is_kept_as_bytes_and_matched_by_the_runtime() -
     assert not Snapshot("t", None, 1_000, True, raw=empty).has_keys
 
 
-def test_objects_kept_give_way_to_bytes_once_an_equal_read_brings_them() -> None:
-    """A task first read the pipelined way is kept as objects; once a read of it comes
-    with its replies' bytes and matches, the bytes are kept instead."""
+def test_a_task_read_in_batches_is_read_as_bytes_once_found_unchanged() -> None:
+    """Bytes of a task read in batches cost a round trip a batch: they are kept only
+    once a capture of it was found unchanged, and given up when it changes again."""
     memo = CaptureMemo(1 << 20)
-    memo.keep("t", "cp1", _snapshot(b"v"))
+    flat = _snapshot(b"v").flat
+    raw = (Pieces([_reply(flat[:4])]), Pieces([_reply(flat[4:])]))
+    batched = Snapshot("t", None, 1_000, False, raw=raw)  # read one call a batch
+    assert not batched.kept_as_bytes
+    memo.keep("t", "cp1", batched)
+    assert memo.expected("t", "cp1") is None and not memo.wants_bytes("t", "cp1")
+    assert memo.size == estimate(batched, raw=False) > estimate(batched)  # as items
+    assert memo.matches("t", "cp1", Snapshot("t", list(flat), 2_000, False))  # pipelined
+    assert memo.wants_bytes("t", "cp1") and not memo.wants_bytes("t", "cp2")
     assert memo.expected("t", "cp1") is None
-    raw = (Pieces([_reply(_snapshot(b"v").flat)]),)
-    read = Snapshot("t", None, 2_000, True, raw=raw)
+    read = Snapshot("t", None, 3_000, False, raw=raw)  # asked for its bytes, and equal
     assert memo.matches("t", "cp1", read)
     assert memo.expected("t", "cp1") is raw and memo.size == estimate(read)
+    assert memo.wants_bytes("t", "cp1")
+    memo.keep("t", "cp2", Snapshot("t", None, 4_000, False, raw=raw))  # changed since
+    assert memo.expected("t", "cp2") is None and not memo.wants_bytes("t", "cp2")
+    memo.keep("t", "cp3", Snapshot("t", None, 5_000, False, raw=raw, as_expected=True))
+    assert memo.expected("t", "cp3") is raw  # read as expected: bytes are kept
 
 
 def _reply(flat: list[object]) -> bytes:

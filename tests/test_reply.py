@@ -20,7 +20,7 @@ import pytest
 import redis
 from redis.commands.core import Script
 
-from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
+from cfn_checkpoint import CheckpointConfig, CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.image import Snapshot
 from cfn_checkpoint.pieces import Pieces
 from cfn_checkpoint.runtime.redis_runtime import RedisClient, RedisRuntime
@@ -127,7 +127,8 @@ def test_a_task_read_in_batches_is_compared_batch_by_batch(
     runtime = _runtime(plain_redis_url, own_layout)
     _fill(runtime.client, own_layout)
     options: dict[str, Any] = {"atomic_max_keys": 3, "batch_keys": 2, "expected_keys": 5}
-    first = runtime.capture(TASK, raw=True, **options)
+    assert runtime.capture(TASK, raw=True, **options).raw is None  # pipelined: no bytes
+    first = runtime.capture(TASK, batch_raw=True, **options)
     assert first.raw is not None and len(first.raw) == 3 and not first.point_in_time
     plain = _runtime(plain_redis_url, own_layout).capture(TASK, **options)
     assert first.packed == plain.packed
@@ -351,7 +352,7 @@ def test_a_push_message_ahead_of_the_reply_goes_to_redis_py() -> None:
     read = _feed([push + LATER], Pieces([REPLY]), pushes)
     assert read.value == [1700000000123, b"abc", [b"x", -1]]
     assert len(pushes.seen) == 1 and pushes.seen[0][0] == b"invalidate"
-    assert read.data == Pieces([push + LATER])  # kept as read: it matches nothing later
+    assert read.data is None  # its bytes hold the push too: not for a later read to expect
 
 
 def test_push_messages_right_after_the_reply_go_to_redis_py_too() -> None:
@@ -359,7 +360,7 @@ def test_push_messages_right_after_the_reply_go_to_redis_py_too() -> None:
     pushes = _Pushes()
     read, clean = _feed([LATER + push], Pieces([REPLY]), pushes, with_clean=True)
     assert read.value == [1700000000123, b"abc", [b"x", -1]] and clean
-    assert len(pushes.seen) == 1
+    assert len(pushes.seen) == 1 and read.data is None  # the next read expects nothing
     # Half a push after the reply: the reply is good, the connection is not (closed).
     read, clean = _feed([LATER + push[:12]], Pieces([REPLY]), pushes, with_clean=True)
     assert read.value == [1700000000123, b"abc", [b"x", -1]] and not clean
@@ -413,3 +414,31 @@ def test_an_unchanged_task_whose_durable_rows_changed_is_recorded_whole(
         mgr.recover_from_checkpoint(TASK, second.checkpoint_id)
         after = {k: client.dump(k) for k in client.keys(own_layout.prefix.encode() + b"*")}
         assert after == before
+
+
+def test_a_task_read_in_batches_comes_to_be_compared_as_bytes(
+    plain_redis_url: str, own_layout: KeyLayout, tmp_path: Path
+) -> None:
+    """Through the manager: a batched task's first re-checkpoint found unchanged asks
+    the next capture for its bytes; from then on an unchanged one parses nothing, and a
+    change is still recorded and recovers exactly."""
+    config = CheckpointConfig(atomic_max_keys=3, batch_keys=2)
+    url = f"sqlite:///{tmp_path / 'cp.db'}"
+    with CheckpointManager.open(plain_redis_url, url, layout=own_layout, config=config) as mgr:
+        client = mgr.runtime.client
+        _fill(client, own_layout)
+        first = mgr.create_checkpoint(TASK)
+        memo = mgr._memo
+        for wants, has_bytes in ((True, False), (True, True), (True, True)):
+            assert mgr.create_checkpoint(TASK).checkpoint_id == first.checkpoint_id
+            assert memo.wants_bytes(TASK, first.checkpoint_id) == wants
+            assert (memo.expected(TASK, first.checkpoint_id) is not None) == has_bytes
+        client.set(own_layout.key("agent", TASK, "a"), b'{"step": 2}')
+        second = mgr.create_checkpoint(TASK)
+        assert second.checkpoint_id != first.checkpoint_id
+        assert memo.expected(TASK, second.checkpoint_id) is None  # changed: items again
+        keys = client.keys(own_layout.prefix.encode() + b"*")
+        before = {k: client.dump(k) for k in keys}
+        client.delete(*keys)
+        mgr.recover_from_checkpoint(TASK, second.checkpoint_id)
+        assert {k: client.dump(k) for k in keys} == before

@@ -228,6 +228,13 @@ class Snapshot:
         self._flat = flat
 
     @property
+    def kept_as_bytes(self) -> bool:
+        """Whether a memo keeps this read as its replies' bytes rather than its items:
+        it has them, and it was read in one call (bytes then cost nothing more) or as
+        expected (see :meth:`~cfn_checkpoint.memo.CaptureMemo.keep`)."""
+        return self.raw is not None and (self.point_in_time or self.as_expected)
+
+    @property
     def has_keys(self) -> bool:
         """Whether any key was read (known without parsing a reply)."""
         if self._flat is None and self.raw is not None:
@@ -261,8 +268,8 @@ class Snapshot:
         flat = self.flat
         # Counted while the reply and the rows are in the caches: later (after they are
         # compressed) the same walks cost several times as much, 1.5 ms at 10,000 keys.
-        # The arrays count only for a read kept as objects, not as its reply's bytes.
-        values = [] if self.raw is not None else flat[3::4]
+        # The arrays count only for a read kept as items, not as its replies' bytes.
+        values = [] if self.kept_as_bytes else flat[3::4]
         lists = list(compress(values, map(is_, map(type, values), repeat(list))))
         packed = packed_rows(flat, self.captured_at_ms)
         self._sizes = (sum(map(len, packed.rows)), len(lists), sum(map(len, lists)))

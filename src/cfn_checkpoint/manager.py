@@ -357,10 +357,11 @@ class CheckpointManager:
             # An unchanged reply is swapped for the equal one kept before the collector
             # resumes (and would walk it: 15-20 ms at 100,000 keys). Only Redis is
             # waited on meanwhile: a few calls, each bounded by the command timeout.
-            expected = None
+            expected, batch_raw = None, False
             if newest is not None and known is not None:
                 expected = self._memo.expected(task_id, newest.checkpoint_id)
-            snapshot = self._capture(task_id, newest, expected)
+                batch_raw = self._memo.wants_bytes(task_id, newest.checkpoint_id)
+            snapshot = self._capture(task_id, newest, expected, batch_raw)
             unchanged = (
                 newest is not None
                 and known is not None
@@ -516,9 +517,11 @@ class CheckpointManager:
         task_id: str,
         newest: CheckpointMetadata | None,
         expected: tuple[Pieces, ...] | None = None,
+        batch_raw: bool = False,
     ) -> Snapshot:
-        """The task's keys read; as bytes too when the memo may keep them, and compared
-        with ``expected`` (the bytes kept for ``newest``) before they are parsed."""
+        """The task's keys read; as bytes too when the memo may keep them (in batches
+        only with ``batch_raw``), and compared with ``expected`` (the bytes kept for
+        ``newest``) before they are parsed."""
         cfg = self.config
         return self.runtime.capture(
             task_id,
@@ -526,6 +529,7 @@ class CheckpointManager:
             batch_keys=cfg.batch_keys,
             expected_keys=newest.key_count if newest is not None else 0,
             raw=self._memo.max_bytes > 0,
+            batch_raw=batch_raw,
             expected=expected,
         )
 

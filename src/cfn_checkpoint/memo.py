@@ -33,10 +33,13 @@ _PER_PIECE = 128
 @dataclass(frozen=True, slots=True)
 class _Kept:
     checkpoint_id: str
-    #: The reply's bytes, or (a capture not read in one call) its items.
+    #: The replies' bytes, or the reply's items.
     raw: tuple[Pieces, ...] | None
     flat: list[Any] | None
     size: int
+    #: Kept as items, and a later capture compared equal to them: the next capture is
+    #: worth reading as bytes even where that costs more (see :meth:`CaptureMemo.keep`).
+    wants_bytes: bool = False
 
 
 class CaptureMemo:
@@ -64,20 +67,31 @@ class CaptureMemo:
 
     def expected(self, task_id: str, checkpoint_id: str) -> tuple[Pieces, ...] | None:
         """The reply bytes kept for ``checkpoint_id``, if it was kept so: what a capture
-        of an unchanged task reads as, but for its clock."""
+        of an unchanged task reads as, but for its clocks."""
         with self._lock:
             kept = self._kept.get(task_id)
         return kept.raw if kept is not None and kept.checkpoint_id == checkpoint_id else None
+
+    def wants_bytes(self, task_id: str, checkpoint_id: str) -> bool:
+        """Whether the next capture of the task should come with its replies' bytes even
+        where that costs more: bytes are kept for ``checkpoint_id`` (the last capture
+        read as expected), or items that a later capture matched."""
+        with self._lock:
+            kept = self._kept.get(task_id)
+        if kept is None or kept.checkpoint_id != checkpoint_id:
+            return False
+        return kept.raw is not None or kept.wants_bytes
 
     def matches(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``.
 
         A snapshot read :attr:`~Snapshot.as_expected` matches the bytes it was told
-        to expect (those kept: see :meth:`expected`). Otherwise, when objects are kept
+        to expect (those kept: see :meth:`expected`). Otherwise, when items are kept
         and they are equal, ``snapshot`` takes the kept ones in place of its own, so
         its own are freed at once: a large reply left alive would cost the cyclic
-        collector a walk over all its objects. If ``snapshot`` came with its replies'
-        bytes, those are kept from now on instead, for the next capture to expect.
+        collector a walk over all its objects. Then, if ``snapshot`` came with its
+        replies' bytes, those are kept from now on instead; if not, the next capture
+        is asked to bring them (:meth:`wants_bytes`).
         """
         kept = self._get(task_id, checkpoint_id)
         if kept is None:
@@ -88,33 +102,55 @@ class CaptureMemo:
             return False
         snapshot.share(kept.flat)
         if snapshot.raw is not None:
-            self.keep(task_id, checkpoint_id, snapshot)
+            self._store(task_id, checkpoint_id, snapshot.raw, None, estimate(snapshot))
+        else:
+            self._store(task_id, checkpoint_id, None, kept.flat, kept.size, wants_bytes=True)
         return True
 
     def keep(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> None:
-        """Keep ``snapshot`` as what ``checkpoint_id``'s runtime state reads as."""
-        size = estimate(snapshot)
-        raw = snapshot.raw
+        """Keep ``snapshot`` as what ``checkpoint_id``'s runtime state reads as.
+
+        As its replies' bytes when it has them and was read in one call (a point-in-time
+        read, where bytes cost nothing more) or as expected; otherwise as its items. A
+        task read in batches is read as bytes one call at a time, which costs more than
+        one pipeline when the bytes differ (14 ms at 100,000 keys here, and a round
+        trip a batch over a network): a task whose captures keep changing is read the
+        cheaper way, and only one found unchanged again is read as bytes.
+        """
+        if snapshot.raw is not None and snapshot.kept_as_bytes:
+            self._store(task_id, checkpoint_id, snapshot.raw, None, estimate(snapshot))
+        else:
+            self._store(task_id, checkpoint_id, None, snapshot.flat, estimate(snapshot, raw=False))
+
+    def _store(
+        self,
+        task_id: str,
+        checkpoint_id: str,
+        raw: tuple[Pieces, ...] | None,
+        flat: list[Any] | None,
+        size: int,
+        *,
+        wants_bytes: bool = False,
+    ) -> None:
         with self._lock:
             old = self._kept.pop(task_id, None)
             if old is not None:
                 self._size -= old.size
             if size > self.max_bytes:
                 return
-            flat = None if raw is not None else snapshot.flat
-            self._kept[task_id] = _Kept(checkpoint_id, raw, flat, size)
+            self._kept[task_id] = _Kept(checkpoint_id, raw, flat, size, wants_bytes)
             self._size += size
             while self._size > self.max_bytes:
                 _, dropped = self._kept.popitem(last=False)
                 self._size -= dropped.size
 
 
-def estimate(snapshot: Snapshot) -> int:
+def estimate(snapshot: Snapshot, *, raw: bool = True) -> int:
     """Bytes that keeping ``snapshot``'s reply takes, estimated from above: its bytes
-    and a fixed cost a piece when it has them; otherwise its rows' bytes plus a fixed cost
-    per Python object (measured with tracemalloc: 0.5-0.85 of this on tasks of small
-    hash fields and of JSON strings)."""
-    if snapshot.raw is not None:
+    and a fixed cost a piece when it has them (and ``raw``); otherwise its rows' bytes
+    plus a fixed cost per Python object (measured with tracemalloc: 0.5-0.85 of this on
+    tasks of small hash fields and of JSON strings)."""
+    if raw and snapshot.raw is not None:
         return sum(reply.size() + _PER_PIECE * len(reply) for reply in snapshot.raw)
     row_bytes, lists, items = snapshot.sizes
     return row_bytes + _PER_OBJECT * (len(snapshot.flat) + items) + _PER_LIST * lists

@@ -205,14 +205,17 @@ class RedisRuntime:
         batch_keys: int = 1_000,
         expected_keys: int = 0,
         raw: bool = False,
+        batch_raw: bool = False,
         expected: tuple[Pieces, ...] | None = None,
     ) -> Snapshot:
         """Read every key of ``task_id``, atomically when it has at most ``atomic_max_keys``.
 
-        With ``raw``, a read in one script call on one server keeps its reply's bytes
-        (:attr:`Snapshot.raw`); given ``expected`` (such bytes, from an earlier read),
-        a reply equal to them but for its clock is not parsed, and the snapshot says
-        so (:attr:`Snapshot.as_expected`).
+        On one server, with ``raw``, a read in one script call keeps its reply's bytes
+        (:attr:`Snapshot.raw`); with ``batch_raw`` or ``expected``, so does a read in
+        batches (one call at a time, rather than one pipeline: see :meth:`_read_raw`).
+        Given ``expected`` (such bytes, from an earlier read), replies equal to them but
+        for their clocks are not parsed, and the snapshot says so
+        (:attr:`Snapshot.as_expected`).
 
         While the database holds at most ``scan_in_script_max_keys`` keys, or at most
         twice the ``expected_keys`` the task is thought to have (its last checkpoint, or
@@ -259,16 +262,13 @@ class RedisRuntime:
         if self._watches is not None:
             watch = self._watches.watch(self.layout.task_prefixes(task_id))
         try:
-            # Batches are read as bytes one call at a time (see _read_raw), which costs
-            # more than a pipeline: not for a task never checkpointed (nothing kept to
-            # compare with, and its first read as bytes gives the next one something).
             return self._capture_listed(
                 task_id,
                 atomic_max_keys,
                 batch_keys,
                 scanned,
                 watch,
-                raw=raw and expected_keys > 0,
+                raw=batch_raw,
                 expected=expected,
             )
         except BaseException:
@@ -386,8 +386,9 @@ class RedisRuntime:
         One round trip a batch rather than one pipeline: a pipeline's replies come back
         to back, and where one ends is known only by parsing it, which is what an
         unchanged batch is spared. At 100,000 keys here the batches took 14 ms longer
-        when they were parsed (so a first checkpoint is read the pipelined way) and
-        28 ms less when they were found as expected.
+        when they were parsed and 28 ms less when they were found as expected, so the
+        caller asks for it only for a task found unchanged before (see
+        :meth:`~cfn_checkpoint.memo.CaptureMemo.keep`).
         """
         if expected is not None and len(expected) != len(calls):
             expected = None  # other batches (keys came or went): nothing to compare
@@ -406,10 +407,17 @@ class RedisRuntime:
                 task_id, None, clock, False, not self.point_in_time, expected, as_expected=True
             )
         flat: list[Any] = []
+        data: list[Pieces] = []
         for read in reads:
-            flat.extend((read.data.parse() if read.value is None else read.value)[1:])
-        data = tuple(read.data for read in reads)
-        return Snapshot(task_id, flat, clock, False, not self.point_in_time, data)
+            if read.value is None:  # found as expected: its bytes are the expected ones
+                assert read.data is not None
+                flat.extend(read.data.parse()[1:])
+            else:
+                flat.extend(read.value[1:])
+            if read.data is not None:
+                data.append(read.data)
+        kept = tuple(data) if len(data) == len(reads) else None  # none where pushes came
+        return Snapshot(task_id, flat, clock, False, not self.point_in_time, kept)
 
     def read_batches(self, keys: Sequence[bytes], batch_keys: int) -> Iterator[tuple[int, Packed]]:
         """Read ``keys`` (sorted) a batch at a time, for tasks too large to hold at once.
@@ -468,7 +476,7 @@ class RedisRuntime:
         assert reply is not None
         if len(reply) == 3 and reply[1] in (-1, -2):  # a key is bytes, never an int
             return _TOO_MANY if reply[1] == -1 else _COSTLY
-        kept = None if read is None or not raw else (read.data,)
+        kept = None if read is None or read.data is None or not raw else (read.data,)
         return Snapshot(task_id, reply[1:], int(reply[0]), point_in_time=True, raw=kept)
 
     def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
