@@ -133,7 +133,7 @@ def test_keyframe_chunks_are_cut_where_a_row_by_row_walk_cuts(sizes: list[int], 
         head = rng.choice(starts) if rng.random() < 0.6 else rng.randbytes(2)
         tail = rng.choice(ends)
         digests.append(head + rng.randbytes(14 - len(tail)) + tail)
-    rows = [bytes(size) for size in sizes]
+    rows = [bytes([i % 251]) * size for i, size in enumerate(sizes)]  # each its own bytes
     expected: list[list[bytes]] = []
     chunk: list[bytes] = []
     size = 0
