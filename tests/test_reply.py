@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,26 @@ def test_a_script_redis_has_forgotten_is_loaded_again() -> None:
         runtime.client.close()
 
 
+@contextmanager
+def _busy(url: str, seconds: float) -> Iterator[None]:
+    """Redis kept busy for ``seconds`` (from just before the block) by a script on
+    another connection."""
+    spin = (
+        "local function us(t) return t[1] * 1000000 + t[2] end "
+        "local start = us(redis.call('TIME')) "
+        "repeat until us(redis.call('TIME')) - start >= tonumber(ARGV[1])"
+    )
+    busy = redis.Redis.from_url(url)
+    worker = threading.Thread(target=busy.eval, args=(spin, 0, int(seconds * 1_000_000)))
+    worker.start()
+    time.sleep(0.1)  # the script is running
+    try:
+        yield
+    finally:
+        worker.join()
+        busy.close()
+
+
 def test_a_reply_that_does_not_come_in_time_is_a_timeout() -> None:
     """A script on another connection keeps Redis busy past the socket timeout: the
     read gives up with redis-py's TimeoutError, and the connection is closed, so the
@@ -187,17 +208,8 @@ def test_a_reply_that_does_not_come_in_time_is_a_timeout() -> None:
         client = redis.Redis.from_url(server.url, socket_timeout=0.3)
         script = Script(client, "return {1, 'x'}")
         client.script_load(script.script)
-        busy = redis.Redis.from_url(server.url)
-        spin = "local t = redis.call('TIME') repeat until redis.call('TIME')[1] - t[1] >= 2"
-        worker = threading.Thread(target=busy.eval, args=(spin, 0))
-        worker.start()
-        time.sleep(0.2)
-        try:
-            with pytest.raises(redis.TimeoutError):
-                call_script(client, script, [])
-        finally:
-            worker.join()
-            busy.close()
+        with _busy(server.url, 1.5), pytest.raises(redis.TimeoutError):
+            call_script(client, script, [])
         read = call_script(client, script, [])
         assert read is not None and read.value == [1, b"x"]
         client.close()
@@ -227,16 +239,8 @@ def test_a_read_that_fails_is_made_again_through_redis_py() -> None:
         runtime = _runtime(server.url, layout, timeout=0.6)
         _fill(runtime.client, layout)
         first = _settled(runtime)
-        busy = redis.Redis.from_url(server.url)
-        spin = "local t = redis.call('TIME') repeat until redis.call('TIME')[1] - t[1] >= 1"
-        worker = threading.Thread(target=busy.eval, args=(spin, 0))
-        worker.start()
-        time.sleep(0.1)
-        try:
+        with _busy(server.url, 1.0):
             again = runtime.capture(TASK, raw=True, expected=first.raw)
-        finally:
-            worker.join()
-            busy.close()
         assert not again.as_expected and again.raw is None
         assert again.packed == first.packed
         runtime.client.close()
