@@ -149,6 +149,29 @@ def test_a_task_read_in_batches_is_compared_batch_by_batch(
     runtime.client.close()
 
 
+def test_a_task_listed_first_is_compared_too(plain_redis_url: str, own_layout: KeyLayout) -> None:
+    """In a database too large to scan inside the script (the usual case: many tasks),
+    the task's keys are listed, then read by one script call: its reply is kept and
+    compared as bytes as well."""
+    runtime = RedisRuntime(
+        redis.Redis.from_url(plain_redis_url, socket_timeout=3),
+        layout=own_layout,
+        scan_in_script_max_keys=10,
+    )
+    client = runtime.client
+    _fill(client, own_layout)
+    client.mset({own_layout.key("agent", "other", f"k{i}"): b"x" for i in range(100)})
+    first = runtime.capture(TASK, raw=True, expected_keys=5)
+    assert first.raw is not None and first.point_in_time and len(first.packed.keys) == 5
+    again = runtime.capture(TASK, raw=True, expected_keys=5, expected=first.raw)
+    assert again.as_expected and again.raw is first.raw and again.flat == first.flat
+    client.set(own_layout.key("queue", TASK, "q2"), b"new")
+    more = runtime.capture(TASK, raw=True, expected_keys=5, expected=first.raw)
+    assert not more.as_expected and len(more.packed.keys) == 6 and more.raw is not None
+    assert more.packed == _runtime(plain_redis_url, own_layout).capture(TASK).packed
+    client.close()
+
+
 def test_a_lost_connection_is_replaced_and_the_read_made_again(
     plain_redis_url: str, own_layout: KeyLayout
 ) -> None:

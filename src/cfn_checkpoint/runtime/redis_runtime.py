@@ -30,7 +30,7 @@ from ..model import RedisType, RuntimeEntry, TtlPolicy
 from ..pieces import Pieces
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
-from .reply import call_script, call_scripts
+from .reply import RawReply, call_script, call_scripts
 from .watch import KeyWatch, WatchPool
 
 __all__ = [
@@ -82,6 +82,19 @@ class RestoreStats:
     keys_removed: int
     keys_expired: int
     atomic: bool
+
+
+def _one_call_snapshot(
+    task_id: str, read: RawReply, raw: bool, expected: tuple[Pieces, ...] | None
+) -> Snapshot:
+    """The point-in-time snapshot of one capture script's reply read as bytes: found as
+    ``expected`` (nothing parsed), or parsed, with its bytes when ``raw`` (and no push
+    message came with them)."""
+    if read.value is None:
+        assert read.clock is not None and expected is not None  # the expected reply's
+        return Snapshot(task_id, None, read.clock, True, raw=expected, as_expected=True)
+    kept = (read.data,) if raw and read.data is not None else None
+    return Snapshot(task_id, read.value[1:], int(read.value[0]), point_in_time=True, raw=kept)
 
 
 class RedisRuntime:
@@ -268,7 +281,8 @@ class RedisRuntime:
                 batch_keys,
                 scanned,
                 watch,
-                raw=batch_raw,
+                raw=raw,
+                batch_raw=batch_raw,
                 expected=expected,
             )
         except BaseException:
@@ -292,7 +306,9 @@ class RedisRuntime:
         batch_keys: int,
         scanned: bool,
         watch: KeyWatch | None,
+        *,
         raw: bool = False,
+        batch_raw: bool = False,
         expected: tuple[Pieces, ...] | None = None,
     ) -> Snapshot:
         """:meth:`capture` from the listing of the task's keys on."""
@@ -332,12 +348,12 @@ class RedisRuntime:
                     keys = sorted(known)
                     if len(keys) > atomic_max_keys:
                         break
-            now_ms, replies, steps = self._read(keys)
+            snapshot = self._read_snapshot(task_id, keys, raw, expected)
             later = None if watch is None else watch.changes()
             if later is None:  # no watch, or it lost track: list the keys again
                 later = set(self.task_keys(task_id))
             if later <= known:
-                return Snapshot(task_id, replies, now_ms, steps <= 1, steps > 1)
+                return snapshot
             known |= later
             keys = sorted(known)
         else:
@@ -354,7 +370,7 @@ class RedisRuntime:
             calls: list[tuple[Sequence[bytes], list[Any]]] = [
                 (keys[i : i + batch_keys], []) for i in range(0, len(keys), batch_keys)
             ]
-            if raw or expected is not None:
+            if batch_raw or expected is not None:
                 batched = self._read_raw(task_id, calls, expected)
                 if batched is not None:
                     return batched
@@ -459,25 +475,47 @@ class RedisRuntime:
         action = f"reading the keys of task {task_id}"
         read = None
         if raw or expected is not None:
-            one = expected[0] if expected is not None and len(expected) == 1 else None
-            with redis_errors(action), gc_paused():
-                try:
-                    read = call_script(self.client, self._capture_scan, args, one)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    read = None  # called once more below, with redis-py's retries
-        if read is not None and read.value is None:
-            assert read.clock is not None and expected is not None  # the expected reply's
-            return Snapshot(task_id, None, read.clock, True, raw=expected, as_expected=True)
+            read = self._call_raw(self._capture_scan, [], args, expected, action)
         if read is not None:
             reply = read.value
         else:
             with redis_errors(action), gc_paused():
                 reply = self._capture_scan(keys=[], args=args)
-        assert reply is not None
-        if len(reply) == 3 and reply[1] in (-1, -2):  # a key is bytes, never an int
+        if reply is not None and len(reply) == 3 and reply[1] in (-1, -2):  # keys are bytes
             return _TOO_MANY if reply[1] == -1 else _COSTLY
-        kept = None if read is None or read.data is None or not raw else (read.data,)
-        return Snapshot(task_id, reply[1:], int(reply[0]), point_in_time=True, raw=kept)
+        if read is not None:
+            return _one_call_snapshot(task_id, read, raw, expected)
+        return Snapshot(task_id, reply[1:], int(reply[0]), point_in_time=True)
+
+    def _call_raw(
+        self,
+        script: Script,
+        keys: Sequence[bytes],
+        args: list[Any],
+        expected: tuple[Pieces, ...] | None,
+        action: str,
+    ) -> RawReply | None:
+        """One call of ``script`` with its reply read as bytes, compared with ``expected``
+        if that is one reply's; None if the client cannot be read so or the connection
+        failed (the caller then calls again the usual way, with redis-py's retries)."""
+        one = expected[0] if expected is not None and len(expected) == 1 else None
+        with redis_errors(action), gc_paused():
+            try:
+                return call_script(self.client, script, args, one, keys=keys)
+            except (redis.ConnectionError, redis.TimeoutError):
+                return None
+
+    def _read_snapshot(
+        self, task_id: str, keys: Sequence[bytes], raw: bool, expected: tuple[Pieces, ...] | None
+    ) -> Snapshot:
+        """``keys`` read by :data:`~.scripts.CAPTURE` (see :meth:`_read`); on one server,
+        with ``raw`` or ``expected``, with its reply's bytes (see :meth:`capture`)."""
+        if not self.cluster and (raw or expected is not None):
+            read = self._call_raw(self._capture, keys, [], expected, "reading task keys")
+            if read is not None:
+                return _one_call_snapshot(task_id, read, raw, expected)
+        now_ms, replies, steps = self._read(keys)
+        return Snapshot(task_id, replies, now_ms, steps <= 1, steps > 1)
 
     def _read(self, keys: Sequence[bytes]) -> tuple[int, list[Any], int]:
         """``(clock, replies, script calls)``: one call, or on a cluster one per slot.
