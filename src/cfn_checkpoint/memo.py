@@ -3,12 +3,12 @@
 A capture's flat reply (see :class:`~cfn_checkpoint.image.Snapshot`) holds every key's
 value and expiry instant as read. If a later capture of the task is equal to the one
 kept for its newest checkpoint, the task's runtime state is that checkpoint's: no row
-needs packing or hashing. A capture read in one script call is kept as its reply's
+needs packing or hashing. A capture read on one server may be kept as its replies'
 bytes (smaller than the objects), which the next capture is told to expect: the
 runtime then compares the bytes as they arrive and parses nothing when they agree
-(see :mod:`~cfn_checkpoint.runtime.reply`). Any other capture is kept as objects.
-What is kept is bounded by an estimate of the memory it takes, over all tasks, and is
-safe to use from several threads.
+(see :mod:`~cfn_checkpoint.runtime.reply`, and :meth:`CaptureMemo.keep` for when).
+Any other capture is kept as objects. What is kept is bounded by an estimate of the
+memory it takes, over all tasks, and is safe to use from several threads.
 """
 
 from __future__ import annotations
