@@ -71,12 +71,12 @@ def test_a_reply_equal_but_for_its_clock_is_not_parsed(
     runtime.client.close()
 
 
-def _settled(runtime: RedisRuntime) -> Snapshot:
+def _settled(runtime: RedisRuntime, **options: Any) -> Snapshot:
     """A capture read with its bytes, once two reads in a row agree: while Redis rehashes
     its key table after writes, SCAN may return the same keys in another order."""
-    read = runtime.capture(TASK, raw=True)
+    read = runtime.capture(TASK, raw=True, **options)
     for _ in range(50):
-        again = runtime.capture(TASK, raw=True, expected=read.raw)
+        again = runtime.capture(TASK, raw=True, expected=read.raw, **options)
         if again.as_expected:
             return read
         read = again
@@ -170,6 +170,21 @@ def test_a_task_listed_first_is_compared_too(plain_redis_url: str, own_layout: K
     assert not more.as_expected and len(more.packed.keys) == 6 and more.raw is not None
     assert more.packed == _runtime(plain_redis_url, own_layout).capture(TASK).packed
     client.close()
+
+
+def test_a_task_found_to_fill_the_database_is_read_as_bytes_too() -> None:
+    """A task that grew since its last checkpoint (1 key then) looks too small for a
+    scan inside the script; listed, it fills the database, and one script scans and
+    reads it: that read keeps its bytes as well."""
+    layout = KeyLayout()
+    with EmbeddedRedis() as server:
+        runtime = RedisRuntime(redis.Redis.from_url(server.url), scan_in_script_max_keys=10)
+        runtime.client.mset({layout.key("agent", TASK, f"k{i}"): b"v" for i in range(20)})
+        first = _settled(runtime, expected_keys=1)
+        assert first.raw is not None and first.point_in_time and len(first.packed.keys) == 20
+        again = runtime.capture(TASK, raw=True, expected_keys=1, expected=first.raw)
+        assert again.as_expected and again.flat == first.flat
+        runtime.client.close()
 
 
 def test_a_lost_connection_is_replaced_and_the_read_made_again(

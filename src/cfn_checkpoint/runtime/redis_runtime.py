@@ -321,7 +321,7 @@ class RedisRuntime:
         ):
             # The task turns out to fill most of the database (a first checkpoint, or it
             # grew): one script finds and reads its keys, with no second listing.
-            found = self._scan_read(task_id, atomic_max_keys)
+            found = self._scan_read(task_id, atomic_max_keys, raw=raw, expected=expected)
             if isinstance(found, Snapshot):
                 return found
         if self.cluster and self.layout.cluster:
@@ -361,7 +361,7 @@ class RedisRuntime:
                 # Keys kept appearing after the listing: one script finds and reads
                 # them (blocking Redis for a scan of the database) rather than read a
                 # task of this size in batches.
-                found = self._scan_read(task_id, atomic_max_keys)
+                found = self._scan_read(task_id, atomic_max_keys, raw=raw, expected=expected)
                 if isinstance(found, Snapshot):
                     return found
         batches: list[Any] = []
