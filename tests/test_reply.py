@@ -209,9 +209,14 @@ def test_a_script_redis_has_forgotten_is_loaded_again() -> None:
         runtime = _runtime(server.url, layout)
         _fill(runtime.client, layout)
         first = _settled(runtime)
+        before = runtime.capture(TASK, raw=True, expected=first.raw)
+        assert before.as_expected  # the task reads the same bytes before the flush
         runtime.client.script_flush()
         again = runtime.capture(TASK, raw=True, expected=first.raw)
-        assert again.as_expected
+        # Read by the raw reader, not redis-py's fallback, and equal: then as expected.
+        assert again.raw is not None, "the raw read gave up and redis-py read the reply"
+        assert again.flat == first.flat
+        assert again.as_expected, f"equal items, other bytes: {again.raw!r} != {first.raw!r}"
         runtime.client.script_flush()
         runtime.client.set(layout.key("agent", TASK, "a"), b"changed")
         assert runtime.capture(TASK, raw=True, expected=first.raw).flat != first.flat
