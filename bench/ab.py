@@ -11,8 +11,8 @@ round): each turn is a new process with that tree's ``src`` first on ``PYTHONPAT
 (the bench scripts are this checkout's), pinned to the same CPU, which times ``-k``
 operations:
 
-* ``create``: a first create into a new SQLite store, then the floor's create of as
-  many bytes (``floor.py``);
+* ``create``: a first create into a new SQLite store, then the floor's create (the
+  task's raw bytes written: ``floor.py``);
 * ``unchanged``: an unchanged re-checkpoint, then the floor's capture;
 * ``recover``: Redis flushed (outside the timing, as after a crash in ``run.py``),
   then a recovery of the store's checkpoint (no floor).
@@ -75,14 +75,17 @@ def child(url: str, cpu: int, n: int, k: int, what: str) -> dict[str, list[float
 
     with tempfile.TemporaryDirectory(prefix="cfn-ab-") as tmp:
         if what == "create":
+            raw = sum(item.raw_size() for item in workload.generate(n))
             for i in range(k):
                 with CheckpointManager.open(url, f"sqlite:///{tmp}/ours-{i}.db") as manager:
                     workload.populate_durable(manager.durable, n)
                     manager.runtime.client.ping()
                     made = timed(lambda m=manager: m.create_checkpoint(workload.TASK_ID))
+                if made.key_count != n:
+                    raise RuntimeError(f"the checkpoint holds {made.key_count} keys, not {n}")
                 db = fresh_db(f"{tmp}/floor-{i}.db")
                 gc.collect()
-                timing, _ = floor.create(_variant(n), db, made.stored_bytes)
+                timing, _ = floor.create(_variant(n), db, raw)
                 db.close()
                 out["floor"].append(timing.create_s)
         elif what == "unchanged":

@@ -4,9 +4,14 @@
   MGET per 1,000 keys, the other types by TYPE and their read command), either
   (``scan+lua``) SCAN from the client then one Lua script per 1,000 keys, all sent
   in one pipeline, or (``lua-all``) one Lua script that SCANs and reads everything;
-* create: capture, then write a given number of bytes (the bytes our checkpoint
-  stored, taken from the values read, cut into 1 MiB blobs) into a fresh SQLite
-  table in one transaction (WAL, ``synchronous=NORMAL``, like the store);
+* create: capture, then write a given number of bytes (taken from the values read,
+  cut into 1 MiB blobs) into a fresh SQLite table in one transaction (WAL,
+  ``synchronous=NORMAL``, like the store). The floor writes the bytes it read: as
+  many as the task's keys and values hold (its raw bytes), as the issue that set the
+  targets defines it ("read the same keys and write the same bytes to SQLite in one
+  transaction"). ``run.py`` also measures a stricter *I/O floor* that writes only as
+  many bytes as our compressed checkpoint stored (about a quarter): a bound no raw
+  method can reach, since it would need our compression without its cost;
 * recover: read those blobs back, then write the captured keys back to Redis, either
   (``pipeline``) plain SET/RPUSH/HSET/SADD/PEXPIRE pipelined without a transaction,
   one round trip per 1,000 keys, or (``lua``) one Lua script per 1,000 keys, all in

@@ -9,7 +9,7 @@ machine can fall on one and not the other. Here one process alternates them:
   re-checkpoint, the floor's capture, an unchanged re-checkpoint, ...;
 * ``create``: a first create into a new SQLite store (the manager opened and the
   durable rows written before the clock starts, as in ``run.py``), then the floor's
-  create of as many bytes into a new database, and again.
+  create (the task's raw bytes written) into a new database, and again.
 
 Printed: the ratio of the fastest of each, and the median of the ratios of each pair.
 Pinned to one CPU with its own ``redis-server``, as ``run.py`` is.
@@ -92,6 +92,7 @@ def first_creates(n: int, rounds: int) -> None:
     """A first create against the floor's create, alternately."""
     ours: list[float] = []
     floor: list[float] = []
+    raw = sum(item.raw_size() for item in workload.generate(n))
     with populated(n) as (url, client, tmp):
         writer = Floor(client, workload.TASK_ID)
         for i in range(rounds):
@@ -106,7 +107,7 @@ def first_creates(n: int, rounds: int) -> None:
                 raise RuntimeError(f"the checkpoint holds {made.key_count} keys, not {n}")
             db = fresh_db(f"{tmp}/floor-{i}.db")
             gc.collect()
-            timing, _ = writer.create(_variant(n), db, made.stored_bytes)
+            timing, _ = writer.create(_variant(n), db, raw)
             db.close()
             floor.append(timing.create_s)
     report(n, "first create", ours, f"floor create ({_variant(n)})", floor)
