@@ -30,7 +30,7 @@ from ..model import RedisType, RuntimeEntry, TtlPolicy
 from ..pieces import Pieces
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
-from .reply import RawReply, call_script, call_scripts
+from .reply import RawReply, call_scripts
 from .watch import KeyWatch, WatchPool
 
 __all__ = [
@@ -406,13 +406,7 @@ class RedisRuntime:
         caller asks for it only for a task found unchanged before (see
         :meth:`~cfn_checkpoint.memo.CaptureMemo.keep`).
         """
-        if expected is not None and len(expected) != len(calls):
-            expected = None  # other batches (keys came or went): nothing to compare
-        with redis_errors("reading task keys"), gc_paused():
-            try:
-                reads = call_scripts(self.client, self._capture, calls, expected)
-            except (redis.ConnectionError, redis.TimeoutError):
-                return None
+        reads = self._call_raw(self._capture, calls, expected, "reading task keys")
         if reads is None:
             return None
         clock = reads[0].clock if reads else None
@@ -473,9 +467,10 @@ class RedisRuntime:
         args: list[Any] = [pattern, max_keys, _SCRIPT_SCAN_COUNT, limit, sample]
         args.extend(self.layout.task_prefixes(task_id))
         action = f"reading the keys of task {task_id}"
-        read = None
+        reads = None
         if raw or expected is not None:
-            read = self._call_raw(self._capture_scan, [], args, expected, action)
+            reads = self._call_raw(self._capture_scan, [([], args)], expected, action)
+        read = None if reads is None else reads[0]
         if read is not None:
             reply = read.value
         else:
@@ -490,18 +485,20 @@ class RedisRuntime:
     def _call_raw(
         self,
         script: Script,
-        keys: Sequence[bytes],
-        args: list[Any],
+        calls: Sequence[tuple[Sequence[bytes], list[Any]]],
         expected: tuple[Pieces, ...] | None,
         action: str,
-    ) -> RawReply | None:
-        """One call of ``script`` with its reply read as bytes, compared with ``expected``
-        if that is one reply's; None if the client cannot be read so or the connection
-        failed (the caller then calls again the usual way, with redis-py's retries)."""
-        one = expected[0] if expected is not None and len(expected) == 1 else None
+    ) -> list[RawReply] | None:
+        """``script`` called once per ``(keys, args)`` in ``calls``, each reply read as
+        bytes and compared with ``expected`` when that holds one reply per call (else
+        the keys came or went: nothing to compare); None if the client cannot be read so
+        or the connection failed (the caller then calls again the usual way, with
+        redis-py's retries)."""
+        if expected is not None and len(expected) != len(calls):
+            expected = None
         with redis_errors(action), gc_paused():
             try:
-                return call_script(self.client, script, args, one, keys=keys)
+                return call_scripts(self.client, script, calls, expected)
             except (redis.ConnectionError, redis.TimeoutError):
                 return None
 
@@ -511,9 +508,9 @@ class RedisRuntime:
         """``keys`` read by :data:`~.scripts.CAPTURE` (see :meth:`_read`); on one server,
         with ``raw`` or ``expected``, with its reply's bytes (see :meth:`capture`)."""
         if not self.cluster and (raw or expected is not None):
-            read = self._call_raw(self._capture, keys, [], expected, "reading task keys")
-            if read is not None:
-                return _one_call_snapshot(task_id, read, raw, expected)
+            reads = self._call_raw(self._capture, [(keys, [])], expected, "reading task keys")
+            if reads is not None:
+                return _one_call_snapshot(task_id, reads[0], raw, expected)
         now_ms, replies, steps = self._read(keys)
         return Snapshot(task_id, replies, now_ms, steps <= 1, steps > 1)
 
