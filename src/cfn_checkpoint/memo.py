@@ -57,30 +57,29 @@ class CaptureMemo:
         """The estimated bytes kept now."""
         return self._size
 
-    def _get(self, task_id: str, checkpoint_id: str) -> _Kept | None:
+    def _get(self, task_id: str, checkpoint_id: str, *, touch: bool = False) -> _Kept | None:
+        """What is kept for ``checkpoint_id``, if anything; ``touch``: and it is now the
+        most recently used."""
         with self._lock:
             kept = self._kept.get(task_id)
             if kept is None or kept.checkpoint_id != checkpoint_id:
                 return None
-            self._kept.move_to_end(task_id)
+            if touch:
+                self._kept.move_to_end(task_id)
             return kept
 
     def expected(self, task_id: str, checkpoint_id: str) -> tuple[Pieces, ...] | None:
         """The reply bytes kept for ``checkpoint_id``, if it was kept so: what a capture
         of an unchanged task reads as, but for its clocks."""
-        with self._lock:
-            kept = self._kept.get(task_id)
-        return kept.raw if kept is not None and kept.checkpoint_id == checkpoint_id else None
+        kept = self._get(task_id, checkpoint_id)
+        return None if kept is None else kept.raw
 
     def wants_bytes(self, task_id: str, checkpoint_id: str) -> bool:
         """Whether the next capture of the task should come with its replies' bytes even
         where that costs more: bytes are kept for ``checkpoint_id`` (the last capture
         read as expected), or items that a later capture matched."""
-        with self._lock:
-            kept = self._kept.get(task_id)
-        if kept is None or kept.checkpoint_id != checkpoint_id:
-            return False
-        return kept.raw is not None or kept.wants_bytes
+        kept = self._get(task_id, checkpoint_id)
+        return kept is not None and (kept.raw is not None or kept.wants_bytes)
 
     def matches(self, task_id: str, checkpoint_id: str, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` reads exactly as the capture kept for ``checkpoint_id``.
@@ -93,7 +92,7 @@ class CaptureMemo:
         replies' bytes, those are kept from now on instead; if not, the next capture
         is asked to bring them (:meth:`wants_bytes`).
         """
-        kept = self._get(task_id, checkpoint_id)
+        kept = self._get(task_id, checkpoint_id, touch=True)
         if kept is None:
             return False
         if kept.raw is not None:
