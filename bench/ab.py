@@ -46,6 +46,7 @@ from typing import Any
 import redis
 import workload
 from floor import Floor, fresh_db
+from private_redis import add_option, choose, private_server
 from run import pin, repopulate
 
 HERE = Path(__file__).resolve().parent
@@ -135,7 +136,9 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5, help="operations timed per turn")
     parser.add_argument("--what", choices=("create", "unchanged", "recover"), default="create")
     parser.add_argument("--child", nargs=2, metavar=("URL", "CPU"), help=argparse.SUPPRESS)
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     if args.child:
         url, cpu = args.child
         print(json.dumps({"from": [imported()], **child(url, int(cpu), args.n, args.k, args.what)}))
@@ -146,12 +149,10 @@ def main() -> None:
             parser.error(f"--{name} {tree}: not a src directory holding cfn_checkpoint")
     if trees["old"] == trees["new"]:
         parser.error(f"--old and --new are the same tree ({trees['old']})")
-    from cfn_checkpoint import EmbeddedRedis
-
     results: dict[str, dict[str, list[Any]]] = {
         name: {"from": [], "ours": [], "floor": [], "cpu": []} for name in trees
     }
-    with EmbeddedRedis() as server:
+    with private_server() as server:
         assert server.pid is not None
         cpu = pin(server.pid)
         client = redis.Redis.from_url(server.url)

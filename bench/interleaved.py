@@ -28,9 +28,10 @@ from contextlib import contextmanager
 import redis
 import workload
 from floor import Floor, fresh_db
+from private_redis import add_option, choose, private_server
 from run import connect, pin, repopulate
 
-from cfn_checkpoint import CheckpointManager, EmbeddedRedis
+from cfn_checkpoint import CheckpointManager
 
 
 def main() -> None:
@@ -38,7 +39,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--what", choices=("unchanged", "create"), default="unchanged")
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     if args.what == "create":
         first_creates(args.n, args.rounds)
     else:
@@ -54,7 +57,7 @@ def _variant(n: int) -> str:
 def populated(n: int) -> Iterator[tuple[str, redis.Redis, str]]:
     """``(url, client, temporary directory)`` of a private pinned redis-server holding
     the workload's ``n`` keys."""
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-ab-") as tmp:
+    with private_server() as server, tempfile.TemporaryDirectory(prefix="cfn-ab-") as tmp:
         assert server.pid is not None
         pin(server.pid)
         client = redis.Redis.from_url(server.url)

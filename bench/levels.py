@@ -20,9 +20,10 @@ from functools import partial
 import redis
 import workload
 import zstandard
+from private_redis import add_option, choose, private_server
 from run import pin, repopulate
 
-from cfn_checkpoint import CheckpointManager, EmbeddedRedis
+from cfn_checkpoint import CheckpointManager
 from cfn_checkpoint.codec import decompress_verified
 
 
@@ -43,9 +44,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--levels", default="-1,1,2,3,5,7,9")
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     levels = [int(level) for level in args.levels.split(",")]
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-levels-") as tmp:
+    with private_server() as server, tempfile.TemporaryDirectory(prefix="cfn-levels-") as tmp:
         assert server.pid is not None
         pin(server.pid)
         client = redis.Redis.from_url(server.url)

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from private_redis import add_option, choose, private_server
 from workload import TASK_ID
 
-from cfn_checkpoint import CheckpointManager, EmbeddedRedis
+from cfn_checkpoint import CheckpointManager
 
 HERE = Path(__file__).resolve().parent
 MB = 1_000_000
@@ -75,7 +76,7 @@ def _run(cmd: list[str]) -> str:
 
 def measure(n: int) -> dict[str, Any]:
     python = sys.executable
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-mem-") as tmp:
+    with private_server() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-mem-") as tmp:
         durable = f"sqlite:///{tmp}/store.db"
         print(f"populating {n:,} keys ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -145,7 +146,9 @@ def main() -> None:
     parser.add_argument("--phase", choices=("create", "recover"), help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--durable-url", help=argparse.SUPPRESS)
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     if args.phase:
         print(json.dumps(phase(args.phase, args.redis_url, args.durable_url)))
         return

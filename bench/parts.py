@@ -21,13 +21,14 @@ from typing import Any
 
 import redis
 import workload
+from private_redis import add_option, choose, private_server
 from run import connect, pin, repopulate
 
 import cfn_checkpoint.codec as codec_module
 import cfn_checkpoint.contents as contents_module
 import cfn_checkpoint.image as image_module
 import cfn_checkpoint.manager as manager_module
-from cfn_checkpoint import CheckpointManager, EmbeddedRedis
+from cfn_checkpoint import CheckpointManager
 from cfn_checkpoint.durable.sql import SqlStore
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
@@ -77,12 +78,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=7)
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     instrument()
     items = list(workload.generate(args.n))
     creates: list[tuple[float, dict[str, float]]] = []
     recovers: list[tuple[float, dict[str, float]]] = []
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-parts-") as tmp:
+    with private_server() as server, tempfile.TemporaryDirectory(prefix="cfn-parts-") as tmp:
         assert server.pid is not None
         pin(server.pid)
         client = redis.Redis.from_url(server.url)

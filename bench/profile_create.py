@@ -19,9 +19,10 @@ import time
 
 import redis
 import workload
+from private_redis import add_option, choose, private_server
 from run import pin
 
-from cfn_checkpoint import CheckpointManager, EmbeddedRedis
+from cfn_checkpoint import CheckpointManager
 
 
 def main() -> None:
@@ -30,8 +31,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--sort", default="cumulative", choices=("cumulative", "tottime"))
     parser.add_argument("--recover", action="store_true", help="profile a recovery instead")
+    add_option(parser)
     args = parser.parse_args()
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-prof-") as tmp:
+    choose(args.redis_server)
+    with private_server() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-prof-") as tmp:
         assert server.pid is not None
         pin(server.pid)  # as run.py does: client and redis-server on one CPU
         client = redis.Redis.from_url(server.url)

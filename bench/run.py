@@ -5,10 +5,11 @@
     python bench/run.py --quick      # N = 1,000 only, a smoke run (bench/results-quick.json)
     python bench/run.py --million    # also the 1,000,000-key peak-memory check (memory.py)
 
-Everything runs against a private ``redis-server`` (``EmbeddedRedis``, unix socket) and
-fresh SQLite files in a temporary directory. Each timing is ``time.perf_counter()``
-around the one call measured, best of 5 for N <= 10,000 and best of 3 above (or
-``--repeats``). Redis is flushed and repopulated between phases that change it.
+Everything runs against a private ``redis-server`` (``EmbeddedRedis``, unix socket; which
+binary: ``--redis-server``, see ``private_redis.py``) and fresh SQLite files in a
+temporary directory. Each timing is ``time.perf_counter()`` around the one call
+measured, best of 5 for N <= 10,000 and best of 3 above (or ``--repeats``). Redis is
+flushed and repopulated between phases that change it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import redis
 import workload
 from floor import CAPTURE_VARIANTS, RECOVER_VARIANTS, Capture, Floor
 from floor import fresh_db as floor_db
+from private_redis import add_option, choose, private_server
 
 import cfn_checkpoint
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis
@@ -382,6 +384,7 @@ def machine_info(server: EmbeddedRedis, tmp: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "redis": server.version(),
+        "redis_server": server.binary,
         "sqlite": sqlite3.sqlite_version,
         "tmp_filesystem": _sh("df", "-T", str(tmp)).splitlines()[-1:],
         "library": str(package),
@@ -561,13 +564,15 @@ def main() -> None:
     parser.add_argument(
         "--no-pin", action="store_true", help="let the OS place the client and redis-server"
     )
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
     out = args.out or ROOT / ("bench/results-quick.json" if args.quick else "bench/results.json")
     png = args.plot or (None if args.quick else ROOT / "docs/benchmarks.png")
     results: list[dict[str, Any]] = []
     started = datetime.now(UTC)
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-") as name:
+    with private_server() as server, tempfile.TemporaryDirectory(prefix="cfn-bench-") as name:
         tmp = Path(name)
         info = machine_info(server, tmp)
         client = redis.Redis.from_url(server.url)
