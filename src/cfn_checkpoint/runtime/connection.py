@@ -30,6 +30,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from ..errors import CheckpointError, StoreUnavailableError, ValidationError
+from .packer import CommandPacker
 
 #: A client of the runtime tier: one server, or a whole Redis Cluster.
 RedisClient: TypeAlias = redis.Redis | RedisCluster
@@ -164,6 +165,7 @@ def _plain(
             socket_timeout=socket_timeout,
             retry=_retry(retries),
             decode_responses=False,
+            command_packer=CommandPacker(),
         )
     except ValueError as exc:
         kind = "Redis URL" if shown is None else "Redis Cluster URL"
