@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from operator import lt, methodcaller
+from operator import attrgetter, lt, methodcaller
 from typing import Any
 
 import msgpack
@@ -743,6 +743,8 @@ class RedisRuntime:
         newer Redis (a stream taken on 7.x, restored on 6.2) is tried on a scratch key
         first. The scratch key carries the task's hash tag, so it shares the slot.
         """
+        if RedisType.DUMP not in set(map(_entry_type, entries)):  # most tasks: no bytecode a key
+            return
         scratch = f"{self.layout.prefix}cfn-checkpoint:scratch:{{{task_id}}}".encode()
         for entry in entries:
             if entry.type is not RedisType.DUMP:
@@ -835,6 +837,7 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 _TYPE_NAMES = {t: t.value for t in RedisType}
+_entry_type = attrgetter("type")
 
 
 def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[Any]:
