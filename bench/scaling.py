@@ -41,6 +41,7 @@ import psutil  # type: ignore[import-untyped]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload  # noqa: E402
+from private_redis import ENV, add_option, choose, private_server  # noqa: E402
 
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout  # noqa: E402
 from cfn_checkpoint.runtime.embedded_cluster import EmbeddedCluster  # noqa: E402
@@ -261,7 +262,9 @@ def main() -> None:
         help="which to measure (default: all)",
     )
     parser.add_argument("--json", type=Path, help="write the results here too")
+    add_option(parser)
     args = parser.parse_args()
+    choose(args.redis_server)
     tasks = task_ids(args.tasks)
     rounds: list[Round] = []
 
@@ -277,7 +280,10 @@ def main() -> None:
         return tuple(node.pid for node in nodes if node.pid)
 
     with tempfile.TemporaryDirectory(prefix="cfn-scaling-") as tmp:
-        with EmbeddedCluster(primaries=3) as cluster, postgres_schema(args.postgres_url) as pg:
+        with (
+            EmbeddedCluster(primaries=3, binary=os.environ.get(ENV)) as cluster,
+            postgres_schema(args.postgres_url) as pg,
+        ):
             run(
                 Deployment(
                     "cluster+postgres",
@@ -288,7 +294,7 @@ def main() -> None:
                     True,
                 )
             )
-        with EmbeddedRedis() as server:
+        with private_server() as server:
             run(
                 Deployment(
                     "redis+sqlite",
@@ -299,7 +305,7 @@ def main() -> None:
                     False,
                 )
             )
-        with EmbeddedCluster(primaries=1) as single:
+        with EmbeddedCluster(primaries=1, binary=os.environ.get(ENV)) as single:
             run(
                 Deployment(
                     "cluster1+sqlite",

@@ -2,7 +2,8 @@
 
 The bytes on the wire must be exactly redis-py's: each case is compared with redis-py's
 own hiredis packer, then sent to a real Redis, alone, pipelined and as a script's
-arguments, and read back.
+arguments, and read back. Commands holding a ``bytearray`` or ``memoryview`` are
+redis-py's to pack, whatever its version does with them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def test_a_large_argument_is_not_copied() -> None:
     assert all(len(chunk) < 100 for chunk in chunks if chunk is not HUGE)
 
 
+@pytest.mark.parametrize(
+    "buffer",
+    [bytearray(BIG), memoryview(HUGE), memoryview(HUGE)[::2], bytearray(b"1")],
+    ids=["large bytearray", "large memoryview", "strided memoryview", "small bytearray"],
+)
+def test_a_command_with_a_buffer_is_packed_by_redis_py(buffer: bytearray | memoryview) -> None:
+    args = (b"MSET", b"a", HUGE, b"b", buffer)
+    assert CommandPacker().pack(*args) == HiredisRespSerializer().pack(*args)
+
+
 @pytest.mark.parametrize("value", [None, {"a": 1}], ids=["None", "dict"])
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_an_argument_hiredis_refuses_is_a_data_error(value: object, size: str) -> None:
@@ -92,6 +103,19 @@ def test_a_pipeline_with_large_values(client: redis.Redis, prefix: str) -> None:
         replies = pipe.execute()
     assert replies == [True, 3, HUGE]
     assert client.lrange(prefix + "l", 0, -1) == [b"x", BIG, b"y"]
+
+
+def test_a_strided_memoryview_is_stored_as_redis_py_stores_it(
+    client: redis.Redis, plain_redis_url: str, prefix: str
+) -> None:
+    view = memoryview(HUGE)[::2]
+    stock = redis.Redis.from_url(plain_redis_url)
+    try:
+        stock.set(prefix + "stock", view)
+    finally:
+        stock.close()
+    client.set(prefix + "ours", view)
+    assert client.get(prefix + "ours") == client.get(prefix + "stock")
 
 
 def test_script_arguments_around_a_large_one(client: redis.Redis, prefix: str) -> None:
