@@ -117,15 +117,22 @@ def test_large_database_path_scans_from_the_client_and_stays_exact(
 
 
 class _WriterBeforeRestore(RedisRuntime):
-    """A runtime whose every RESTORE script is preceded by another client creating a key
-    of task ``t``: a writer in the last moment before the write, after anything the
-    recovery could have listed."""
+    """A runtime whose every write of task keys (a MULTI/EXEC, or a RESTORE script when
+    ``transaction`` is False or the transaction declines) is preceded by another client
+    creating a key of task ``t``: a writer in the last moment before the write, after
+    anything the recovery could have listed."""
 
     def __init__(
-        self, client: redis.Redis, writer: redis.Redis, late: bytes, exact_scan: int
+        self,
+        client: redis.Redis,
+        writer: redis.Redis,
+        late: bytes,
+        exact_scan: int,
+        transaction: bool,
     ) -> None:
         # Any database is too large for the capture's in-script scan.
         super().__init__(client, scan_in_script_max_keys=0, exact_scan_max_keys=exact_scan)
+        self._writer, self._late, self._transaction = writer, late, transaction
         script = self._restore
 
         def run(keys: list[bytes], args: list[object]) -> object:
@@ -134,12 +141,24 @@ class _WriterBeforeRestore(RedisRuntime):
 
         self._restore = run  # type: ignore[assignment]
 
+    def _write_transaction(
+        self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]
+    ) -> tuple[int, int] | None:
+        if not self._transaction:
+            return None
+        self._writer.set(self._late, b"created meanwhile")
+        return super()._write_transaction(task_id, writes)
 
-def test_a_key_created_just_before_the_restore_writes_does_not_survive() -> None:
+
+@pytest.mark.parametrize("transaction", [True, False], ids=["transaction", "script"])
+def test_a_key_created_just_before_the_restore_writes_does_not_survive(
+    transaction: bool,
+) -> None:
     """Up to ``exact_scan_max_keys`` keys in the database, far above the capture's
-    in-script limit, the restore finds the task's keys inside its script, so a key
-    created after the recovery started is gone with the rest. Above it the keys are
-    listed first, and such a key survives (the documented price of the limit)."""
+    in-script limit, the restore finds the task's keys inside its atomic step (the
+    MULTI/EXEC's first command, or the RESTORE script), so a key created after the
+    recovery started is gone with the rest. Above it the keys are listed first, and
+    such a key survives (the documented price of the limit)."""
     layout = KeyLayout()
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
@@ -153,7 +172,7 @@ def test_a_key_created_just_before_the_restore_writes_does_not_survive() -> None
             for exact_scan, survives in ((51, False), (50, True)):
                 client.set(kept, b"old")
                 client.delete(late)
-                runtime = _WriterBeforeRestore(client, writer, late, exact_scan)
+                runtime = _WriterBeforeRestore(client, writer, late, exact_scan, transaction)
                 stats = runtime.restore("t", entries, now)
                 assert (stats.keys_written, stats.keys_removed, stats.atomic) == (
                     1,
@@ -617,10 +636,11 @@ def test_a_user_denied_mget_is_read_key_by_key() -> None:
 
 
 def test_strings_without_a_ttl_are_restored_by_mset_or_key_by_key_if_denied() -> None:
-    """Strings without a TTL are written with one MSET per 1,000: the keys come back
-    exact, and an old TTL on such a key is gone, as SET would leave it. A Redis user an
-    ACL denies MSET gets the same result, and the refused MSET is tried once per script,
-    not once per 1,000 keys."""
+    """Strings without a TTL are written by MSET: the keys come back exact, and an old
+    TTL on such a key is gone, as SET would leave it. A Redis user an ACL denies MSET
+    gets the same result: the MSET queued in the restore's transaction is refused
+    (which aborts the transaction whole), then the RESTORE script's first MSET, and the
+    script writes key by key; each MSET is tried once, not once per 1,000 keys."""
     layout = KeyLayout()
     key = layout.key
     entries = [
@@ -637,7 +657,7 @@ def test_strings_without_a_ttl_are_restored_by_mset_or_key_by_key_if_denied() ->
         admin.execute_command("ACL", "SETUSER", "nomset", "on", ">pw", "~*", "+@all", "-mset")
         limited = redis.Redis.from_url(server.url, username="nomset", password="pw")
         try:
-            for client, refused in ((admin, 0), (limited, 1)):
+            for client, refused in ((admin, 0), (limited, 2)):
                 admin.flushall()
                 admin.set(key("agent", "t", "k0007"), b"old", px=600_000)
                 admin.set(key("agent", "t", "stale"), b"x")

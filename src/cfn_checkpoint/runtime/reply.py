@@ -169,7 +169,7 @@ def _read(sock: socket.socket, expected: Pieces | None, parser: Any) -> tuple[Ra
     reader: Any = None
     pushes = [0]
     while True:
-        piece = _receive(sock)
+        piece = receive(sock)
         pieces.append(piece)
         at, got = got, got + len(piece)
         if span is not None and expected is not None:
@@ -184,10 +184,10 @@ def _read(sock: socket.socket, expected: Pieces | None, parser: Any) -> tuple[Ra
             for earlier in pieces[:-1]:
                 reader.feed(earlier)
         reader.feed(piece)
-        value = _next(reader, parser, pushes)
+        value = next_reply(reader, parser, pushes)
         if value is INCOMPLETE:
             continue
-        if _next(reader, parser, pushes) is not INCOMPLETE:
+        if next_reply(reader, parser, pushes) is not INCOMPLETE:
             raise InvalidResponse("Redis sent more than one reply to one command")
         first = value[0] if isinstance(value, list) and value else None
         clock = first if isinstance(first, int) else None
@@ -195,7 +195,7 @@ def _read(sock: socket.socket, expected: Pieces | None, parser: Any) -> tuple[Ra
         return RawReply(value, data, clock), not reader.has_data()
 
 
-def _receive(sock: socket.socket) -> bytes:
+def receive(sock: socket.socket) -> bytes:
     """The next bytes from ``sock`` (at most :data:`_READ_SIZE`)."""
     try:
         piece = sock.recv(_READ_SIZE)
@@ -208,7 +208,7 @@ def _receive(sock: socket.socket) -> bytes:
     return piece
 
 
-def _next(reader: Any, parser: Any, pushes: list[int]) -> Any:
+def next_reply(reader: Any, parser: Any, pushes: list[int]) -> Any:
     """The next reply ``reader`` holds that is not a push message (those go to
     ``parser``, counted in ``pushes[0]``), or :data:`INCOMPLETE`."""
     value = reader.gets()

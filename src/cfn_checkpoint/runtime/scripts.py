@@ -430,6 +430,28 @@ return {#KEYS - ndel, removed}
 """
 )
 
+#: Delete the keys of a task that a restore does not write: the first command of the
+#: restore's MULTI/EXEC on one server (see ``RedisRuntime._write_transaction``), so no
+#: key created before it survives, and none is created between it and the writes.
+#: KEYS: the keys the transaction writes.  ARGV: ``pattern, scan_count, prefix1, ...``.
+#: Returns the number of keys deleted.
+DROP_STALE = (
+    _TASK_KEYS
+    + r"""
+local writing = {}
+for i = 1, #KEYS do
+  writing[KEYS[i]] = true
+end
+local removed = 0
+for _, key in ipairs(task_keys(ARGV[1], ARGV[2], prefixes(3))) do
+  if not writing[key] then
+    removed = removed + redis.call('DEL', key)
+  end
+end
+return removed
+"""
+)
+
 #: Delete keys atomically.  KEYS: the keys.  Returns the number deleted.
 DELETE = r"""
 local n = 0

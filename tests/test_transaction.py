@@ -1,0 +1,185 @@
+"""A restore written in one MULTI/EXEC (runtime/transaction.py), against real Redis.
+
+On one server a restore writes the task's keys in a transaction whose first command
+deletes the task's other keys; the RESTORE script is the way when the transaction is
+refused. Both must leave exactly the same keys, values and TTLs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from cfn_checkpoint import EmbeddedRedis, KeyLayout
+from cfn_checkpoint.model import RedisType, RuntimeEntry
+from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
+from cfn_checkpoint.runtime.transaction import transaction
+
+LAYOUT = KeyLayout()
+KEY = LAYOUT.key
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as running:
+        yield running
+
+
+@pytest.fixture()
+def admin(server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.flushall()
+        client.close()
+
+
+def _stream_dump(client: redis.Redis) -> bytes:
+    client.xadd("scratch", {b"f": b"v"})
+    payload = client.dump("scratch")
+    client.delete("scratch")
+    assert isinstance(payload, bytes)
+    return payload
+
+
+def _entries(client: redis.Redis) -> list[RuntimeEntry]:
+    return [
+        RuntimeEntry(KEY("agent", "t", "plain"), RedisType.STRING, b"v" * 300),
+        RuntimeEntry(KEY("agent", "t", "empty"), RedisType.STRING, b""),
+        RuntimeEntry(KEY("lock", "t", "l"), RedisType.STRING, b"owner", 600_000),
+        RuntimeEntry(KEY("queue", "t", "q"), RedisType.LIST, [b"a", b"b", b"a"]),
+        RuntimeEntry(KEY("queue", "t", "long"), RedisType.LIST, [b"%d" % i for i in range(2_345)]),
+        RuntimeEntry(KEY("queue", "t", "ttl"), RedisType.LIST, [b"x"], 500_000),
+        RuntimeEntry(KEY("queue", "t", "none"), RedisType.LIST, []),
+        RuntimeEntry(KEY("agent", "t", "h"), RedisType.HASH, [(b"f1", b"1"), (b"f2", b"")]),
+        RuntimeEntry(KEY("agent", "t", "s"), RedisType.SET, [b"m1", b"m2"], 400_000),
+        RuntimeEntry(KEY("agent", "t", "z"), RedisType.ZSET, [(b"a", b"1.5"), (b"b", b"-2")]),
+        RuntimeEntry(
+            KEY("signal", "t", "st"), RedisType.DUMP, _stream_dump(client), None, "stream"
+        ),
+    ]
+
+
+def _seed(client: redis.Redis) -> None:
+    """The task as a crash left it: stale keys, keys of the checkpoint holding other
+    values and types, and another task's key."""
+    client.set(KEY("agent", "t", "stale"), b"x")
+    client.rpush(KEY("agent", "t", "plain"), b"a list now")
+    client.set(KEY("queue", "t", "q"), b"a string now", px=900_000)
+    client.rpush(KEY("queue", "t", "none"), b"left over")
+    client.sadd(KEY("agent", "t", "h"), b"x")
+    client.set(KEY("agent", "other", "k"), b"kept")
+
+
+def _state(client: redis.Redis) -> dict[bytes, tuple[bytes | None, bool]]:
+    """Every key: its DUMP (type and value, byte for byte) and whether it expires."""
+    return {key: (client.dump(key), client.pttl(key) > 0) for key in sorted(client.keys())}
+
+
+def _execs(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_exec", {})
+    return int(stats.get("calls", 0))
+
+
+def test_a_transaction_restores_what_the_script_restores(admin: redis.Redis) -> None:
+    entries = _entries(admin)
+    now = RedisRuntime(admin).server_time_ms()
+    results = {}
+    for way in ("transaction", "script"):
+        admin.flushall()
+        _seed(admin)
+        runtime = RedisRuntime(admin)
+        runtime._transactions = way == "transaction"
+        execs = _execs(admin)
+        stats = runtime.restore("t", entries, now)
+        assert _execs(admin) == execs + (way == "transaction")
+        assert (stats.keys_written, stats.keys_removed, stats.atomic) == (len(entries), 1, True)
+        results[way] = _state(admin)
+        assert 0 < admin.pttl(KEY("lock", "t", "l")) <= 600_000
+        assert admin.lrange(KEY("queue", "t", "long"), 0, -1) == entries[4].value
+        assert admin.zrange(KEY("agent", "t", "z"), 0, -1, withscores=True) == [
+            (b"b", -2.0),
+            (b"a", 1.5),
+        ]
+    assert results["transaction"] == results["script"]
+    assert KEY("queue", "t", "none") not in results["transaction"]
+    assert KEY("agent", "t", "stale") not in results["transaction"]
+    assert results["transaction"][KEY("agent", "other", "k")][0] is not None
+
+
+def test_a_user_denied_multi_gets_the_script(admin: redis.Redis, server: EmbeddedRedis) -> None:
+    admin.execute_command("ACL", "SETUSER", "nomulti", "on", ">pw", "~*", "+@all", "-multi")
+    limited = redis.Redis.from_url(server.url, username="nomulti", password="pw")
+    try:
+        entries = _entries(admin)
+        _seed(admin)
+        runtime = RedisRuntime(limited)
+        stats = runtime.restore("t", entries, RedisRuntime(admin).server_time_ms())
+        assert (stats.keys_written, stats.keys_removed, stats.atomic) == (len(entries), 1, True)
+        assert runtime._transactions is False  # not tried again by this runtime
+        assert admin.get(KEY("agent", "t", "plain")) == b"v" * 300
+        assert not admin.exists(KEY("agent", "t", "stale"))
+    finally:
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "nomulti")
+
+
+def test_a_command_refused_when_queued_aborts_the_whole_transaction(
+    admin: redis.Redis, server: EmbeddedRedis
+) -> None:
+    admin.execute_command("ACL", "SETUSER", "norpush", "on", ">pw", "~*", "+@all", "-rpush")
+    limited = redis.Redis.from_url(server.url, username="norpush", password="pw")
+    try:
+        got = transaction(limited, ("PING",), [("SET", "a", "1"), ("RPUSH", "b", "x")])
+        assert got is None
+        assert admin.dbsize() == 0
+        assert limited.ping()  # the connection is usable: nothing left unread
+        assert limited.set("c", "1") and limited.get("c") == b"1"
+    finally:
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "norpush")
+
+
+def test_a_refused_probe_runs_nothing(admin: redis.Redis, server: EmbeddedRedis) -> None:
+    admin.execute_command("ACL", "SETUSER", "noscan2", "on", ">pw", "~*", "+@all", "-scan")
+    limited = redis.Redis.from_url(server.url, username="noscan2", password="pw")
+    try:
+        got = transaction(limited, ("SCAN", 0, "COUNT", 1), [("SET", "a", "1")])
+        assert got is None
+        assert admin.dbsize() == 0
+        assert limited.set("c", "1") and limited.get("c") == b"1"  # MULTI was discarded
+        assert limited.get("a") is None
+    finally:
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "noscan2")
+
+
+def test_a_command_failing_as_it_runs_is_returned_in_place(admin: redis.Redis) -> None:
+    got = transaction(admin, ("PING",), [("SET", "a", "1"), ("LPUSH", "a", "x"), ("SET", "b", "2")])
+    assert got is not None
+    assert got[0] is True or got[0] == b"OK"
+    assert isinstance(got[1], redis.ResponseError) and "WRONGTYPE" in str(got[1])
+    assert admin.get("b") == b"2"  # EXEC runs every command; the caller reports the error
+    assert admin.ping()
+
+
+def test_a_client_that_decodes_replies_is_declined(server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        assert transaction(client, ("PING",), [("SET", "a", "1")]) is None
+        assert client.get("a") is None
+    finally:
+        client.close()
+
+
+def test_a_server_gone_is_a_connection_error() -> None:
+    with EmbeddedRedis() as gone:
+        client = redis.Redis.from_url(gone.url)
+        client.ping()
+    with pytest.raises(redis.ConnectionError):
+        transaction(client, ("PING",), [("SET", "a", "1")])
+    client.close()
