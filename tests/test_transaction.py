@@ -85,9 +85,13 @@ def _execs(client: redis.Redis) -> int:
     return int(stats.get("calls", 0))
 
 
-def test_a_transaction_restores_what_the_script_restores(admin: redis.Redis) -> None:
+@pytest.mark.parametrize("atomic", [True, False], ids=["one step", "in batches"])
+def test_a_transaction_restores_what_the_script_restores(admin: redis.Redis, atomic: bool) -> None:
+    """In one step (a MULTI/EXEC, or the RESTORE script) or, for a task above
+    ``atomic_max_keys``, in batches of ``batch_keys`` (a MULTI/EXEC or a script each)."""
     entries = _entries(admin)
     now = RedisRuntime(admin).server_time_ms()
+    limits = {} if atomic else {"atomic_max_keys": 5, "batch_keys": 4}
     results = {}
     for way in ("transaction", "script"):
         admin.flushall()
@@ -95,9 +99,14 @@ def test_a_transaction_restores_what_the_script_restores(admin: redis.Redis) -> 
         runtime = RedisRuntime(admin)
         runtime._transactions = way == "transaction"
         execs = _execs(admin)
-        stats = runtime.restore("t", entries, now)
-        assert _execs(admin) == execs + (way == "transaction")
-        assert (stats.keys_written, stats.keys_removed, stats.atomic) == (len(entries), 1, True)
+        stats = runtime.restore("t", entries, now, **limits)
+        steps = 1 if atomic else 3  # 11 keys, 4 a batch
+        assert _execs(admin) == execs + (steps if way == "transaction" else 0)
+        assert (stats.keys_written, stats.keys_removed, stats.atomic) == (
+            len(entries),
+            1,
+            atomic,
+        )
         results[way] = _state(admin)
         assert 0 < admin.pttl(KEY("lock", "t", "l")) <= 600_000
         assert admin.lrange(KEY("queue", "t", "long"), 0, -1) == entries[4].value

@@ -446,8 +446,13 @@ class RedisRuntime:
             yield first_ms, packed_rows(batch, first_ms)
 
     def write_entries(self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]) -> int:
-        """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches)."""
-        return self._write([], writes)[0]
+        """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches):
+        on one server in one MULTI/EXEC, the values never entering Lua (see
+        :meth:`_write_transaction`), else, or when that is refused, by RESTORE."""
+        with gc_paused():
+            commands = _commands(writes)
+            replies = self._transact("writing task keys", ("PING",), commands)
+        return len(writes) if replies is not None else self._write([], writes)[0]
 
     def _scan_read(
         self,
@@ -656,7 +661,7 @@ class RedisRuntime:
             # next to keys restored from another moment.
             max_extra = atomic_max_keys - len(writes)
             done = None
-            if size <= max_extra and self._transactions:  # the fast way: see there
+            if size <= max_extra:  # the fast way: see there
                 done = self._write_transaction(task_id, writes)
             if done is None:
                 done = self._write_scanning(task_id, writes, max_extra)
@@ -686,7 +691,7 @@ class RedisRuntime:
             removed += self._delete_keys(stale[start : start + batch_keys], RestoreError)
         written = 0
         for start in range(0, len(writes), batch_keys):
-            written += self._write([], writes[start : start + batch_keys])[0]
+            written += self.write_entries(task_id, writes[start : start + batch_keys])
         return RestoreStats(written, removed, len(lapsed), False)
 
     def dbsize(self) -> int:
@@ -822,19 +827,32 @@ class RedisRuntime:
             drop = ("EVAL", scripts.DROP_STALE, len(keys), *keys, pattern, _SCRIPT_SCAN_COUNT)
             commands = [(*drop, *prefixes), *_commands(writes)]
             probe = ("SCAN", 0, "MATCH", pattern, "COUNT", 1)
-            try:
-                with redis_errors(f"writing the keys of task {task_id}", RestoreError):
-                    replies = transaction(self.client, probe, commands)
-            except StoreUnavailableError:  # connection lost or timed out
-                return None
+            replies = self._transact(f"writing the keys of task {task_id}", probe, commands)
+        return None if replies is None else (len(writes), int(replies[0]))
+
+    def _transact(
+        self, action: str, probe: tuple[Any, ...], commands: list[tuple[Any, ...]]
+    ) -> list[Any] | None:
+        """``commands`` in one MULTI/EXEC after ``probe`` (see
+        :func:`~.transaction.transaction`): their replies. None, with nothing written,
+        on a cluster, when this runtime has had one refused (it then does not try
+        again), or when the connection failed; a command that failed as it ran is
+        raised, as a :class:`RestoreError` (those before it were done)."""
+        if self.cluster or not self._transactions:
+            return None
+        try:
+            with redis_errors(action, RestoreError):
+                replies = transaction(self.client, probe, commands)
+        except StoreUnavailableError:  # connection lost or timed out: that call only
+            return None
         if replies is None:
             self._transactions = False
             return None
         failed = [reply for reply in replies if isinstance(reply, Exception)]
-        if failed:  # a command failed as it ran: those before it were done
-            with redis_errors(f"writing the keys of task {task_id}", RestoreError):
+        if failed:
+            with redis_errors(action, RestoreError):
                 raise failed[0]
-        return len(writes), int(replies[0])
+        return replies
 
     def _write_scanning(
         self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]], max_extra: int
