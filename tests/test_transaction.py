@@ -13,9 +13,10 @@ import pytest
 import redis
 
 from cfn_checkpoint import EmbeddedRedis, KeyLayout
+from cfn_checkpoint.errors import RestoreError
 from cfn_checkpoint.model import RedisType, RuntimeEntry
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
-from cfn_checkpoint.runtime.transaction import transaction
+from cfn_checkpoint.runtime.transaction import Refused, transaction
 
 LAYOUT = KeyLayout()
 KEY = LAYOUT.key
@@ -137,38 +138,110 @@ def test_a_user_denied_multi_gets_the_script(admin: redis.Redis, server: Embedde
         admin.execute_command("ACL", "DELUSER", "nomulti")
 
 
+def _user(admin: redis.Redis, server: EmbeddedRedis, name: str, *rules: str) -> redis.Redis:
+    admin.execute_command("ACL", "SETUSER", name, "reset", "on", ">pw", *rules)
+    return redis.Redis.from_url(server.url, username=name, password="pw")
+
+
 def test_a_command_refused_when_queued_aborts_the_whole_transaction(
     admin: redis.Redis, server: EmbeddedRedis
 ) -> None:
-    admin.execute_command("ACL", "SETUSER", "norpush", "on", ">pw", "~*", "+@all", "-rpush")
-    limited = redis.Redis.from_url(server.url, username="norpush", password="pw")
+    limited = _user(admin, server, "norpush", "~*", "+@all", "-rpush")
     try:
-        got = transaction(limited, ("PING",), [("SET", "a", "1"), ("RPUSH", "b", "x")])
-        assert got is None
+        with pytest.raises(Refused) as refused:
+            transaction(limited, [], [("SET", "a", "1"), ("RPUSH", "b", "x")])
+        assert isinstance(refused.value.args[0], redis.exceptions.NoPermissionError)
         assert admin.dbsize() == 0
-        assert limited.ping()  # the connection is usable: nothing left unread
-        assert limited.set("c", "1") and limited.get("c") == b"1"
+        assert limited.set("c", "1") and limited.get("c") == b"1"  # a clean connection
     finally:
         limited.close()
         admin.execute_command("ACL", "DELUSER", "norpush")
 
 
-def test_a_refused_probe_runs_nothing(admin: redis.Redis, server: EmbeddedRedis) -> None:
-    admin.execute_command("ACL", "SETUSER", "noscan2", "on", ">pw", "~*", "+@all", "-scan")
-    limited = redis.Redis.from_url(server.url, username="noscan2", password="pw")
+@pytest.mark.parametrize("discard", ["+discard", "-discard"])
+def test_a_refused_probe_runs_nothing_and_leaves_no_multi_open(
+    admin: redis.Redis, server: EmbeddedRedis, discard: str
+) -> None:
+    limited = _user(admin, server, "noscan2", "~*", "+@all", "-scan", discard)
     try:
-        got = transaction(limited, ("SCAN", 0, "COUNT", 1), [("SET", "a", "1")])
-        assert got is None
+        with pytest.raises(Refused):
+            transaction(limited, [("SCAN", 0, "COUNT", 1)], [("SET", "a", "1")])
         assert admin.dbsize() == 0
-        assert limited.set("c", "1") and limited.get("c") == b"1"  # MULTI was discarded
-        assert limited.get("a") is None
+        assert limited.set("c", "1") is True  # not queued: no MULTI is open
+        assert limited.get("c") == b"1" and limited.get("a") is None
     finally:
         limited.close()
         admin.execute_command("ACL", "DELUSER", "noscan2")
 
 
+@pytest.mark.parametrize(
+    "rules",
+    [
+        ("~*", "+@all", "-del", "-unlink"),
+        ("~agent:*", "~queue:*", "~signal:*", "+@all"),  # not the task's locks
+    ],
+    ids=["no DEL", "no lock keys"],
+)
+def test_a_user_who_may_not_delete_a_stale_key_gets_nothing_written(
+    admin: redis.Redis, server: EmbeddedRedis, rules: tuple[str, ...]
+) -> None:
+    """The script inside the transaction would be refused the DEL as it ran, after the
+    writes were queued: the probes see it first, and the RESTORE script, refused before
+    it writes, reports it. The task is left as it was."""
+    limited = _user(admin, server, "nodel", *rules)
+    try:
+        admin.set(KEY("agent", "t", "a"), b"old")
+        admin.set(KEY("lock", "t", "stale"), b"x")
+        before = _state(admin)
+        runtime = RedisRuntime(limited)
+        entries = [
+            RuntimeEntry(KEY("agent", "t", "a"), RedisType.STRING, b"new"),
+            RuntimeEntry(KEY("agent", "t", "b"), RedisType.STRING, b"new"),
+        ]
+        with pytest.raises(RestoreError, match="refused a command while writing"):
+            runtime.restore("t", entries, RedisRuntime(admin).server_time_ms())
+        assert _state(admin) == before
+        assert runtime._transactions is False
+    finally:
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "nodel")
+
+
+def test_a_refusal_other_than_an_acls_keeps_the_transaction(admin: redis.Redis) -> None:
+    """Out of memory refuses the queued writes (and then the script's): the restore
+    fails, and once memory is there again the next restore is a transaction again."""
+    entries = [RuntimeEntry(KEY("agent", "t", "a"), RedisType.STRING, b"v" * 1000)]
+    runtime = RedisRuntime(admin)
+    now = runtime.server_time_ms()
+    admin.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(RestoreError, match="maxmemory"):
+            runtime.restore("t", entries, now)
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert runtime._transactions is True
+    execs = _execs(admin)
+    runtime.restore("t", entries, now)
+    assert _execs(admin) == execs + 1
+    assert admin.get(KEY("agent", "t", "a")) == b"v" * 1000
+
+
+def test_a_key_given_twice_is_written_as_the_script_writes_it(admin: redis.Redis) -> None:
+    """Not from a checkpoint (keys there are unique): the script writes the entries in
+    order, the last one staying; the transaction is not used for them."""
+    key = KEY("queue", "t", "q")
+    entries = [
+        RuntimeEntry(key, RedisType.LIST, [b"first"]),
+        RuntimeEntry(key, RedisType.LIST, [b"last"]),
+    ]
+    execs = _execs(admin)
+    RedisRuntime(admin).restore("t", entries, RedisRuntime(admin).server_time_ms())
+    assert admin.lrange(key, 0, -1) == [b"last"]
+    assert _execs(admin) == execs
+
+
 def test_a_command_failing_as_it_runs_is_returned_in_place(admin: redis.Redis) -> None:
-    got = transaction(admin, ("PING",), [("SET", "a", "1"), ("LPUSH", "a", "x"), ("SET", "b", "2")])
+    got = transaction(admin, [], [("SET", "a", "1"), ("LPUSH", "a", "x"), ("SET", "b", "2")])
     assert got is not None
     assert got[0] is True or got[0] == b"OK"
     assert isinstance(got[1], redis.ResponseError) and "WRONGTYPE" in str(got[1])
@@ -179,7 +252,7 @@ def test_a_command_failing_as_it_runs_is_returned_in_place(admin: redis.Redis) -
 def test_a_client_that_decodes_replies_is_declined(server: EmbeddedRedis) -> None:
     client = redis.Redis.from_url(server.url, decode_responses=True)
     try:
-        assert transaction(client, ("PING",), [("SET", "a", "1")]) is None
+        assert transaction(client, [], [("SET", "a", "1")]) is None
         assert client.get("a") is None
     finally:
         client.close()
@@ -190,5 +263,5 @@ def test_a_server_gone_is_a_connection_error() -> None:
         client = redis.Redis.from_url(gone.url)
         client.ping()
     with pytest.raises(redis.ConnectionError):
-        transaction(client, ("PING",), [("SET", "a", "1")])
+        transaction(client, [], [("SET", "a", "1")])
     client.close()

@@ -11,6 +11,7 @@ point in time (the checkpoint says so) and such a restore is not atomic.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -22,6 +23,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.crc import key_slot
+from redis.exceptions import NoPermissionError
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError
 from ..image import Packed, Snapshot, gc_paused, packed_rows
@@ -31,7 +33,7 @@ from ..pieces import Pieces
 from . import scripts
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
 from .reply import RawReply, call_scripts
-from .transaction import transaction
+from .transaction import Refused, transaction
 from .watch import KeyWatch, WatchPool
 
 __all__ = [
@@ -450,8 +452,10 @@ class RedisRuntime:
         on one server in one MULTI/EXEC, the values never entering Lua (see
         :meth:`_write_transaction`), else, or when that is refused, by RESTORE."""
         with gc_paused():
-            commands = _commands(writes)
-            replies = self._transact("writing task keys", ("PING",), commands)
+            keys = [entry.key for entry, _ in writes]
+            replies = None
+            if len(set(keys)) == len(keys):  # a key twice: the script, in order
+                replies = self._transact("writing task keys", [], _commands(writes))
         return len(writes) if replies is not None else self._write([], writes)[0]
 
     def _scan_read(
@@ -812,39 +816,48 @@ class RedisRuntime:
         """On one server, write ``writes`` in one MULTI/EXEC whose first command, the
         :data:`~.scripts.DROP_STALE` script, deletes every other key of ``task_id`` its
         own SCAN finds: ``(written, removed)``. None, with nothing written, when it
-        cannot be done so (see :func:`~.transaction.transaction`: an ACL refusing a
-        command of it, say); the caller then writes with the RESTORE script, which
-        reports what was refused, and this runtime does not try a transaction again. A
-        lost connection or a timeout also gives None (the script has redis-py's retries;
-        a restore written twice is the same restore). The SCAN is tried first, outside
-        the transaction: one refused inside the script would leave the writes after it
-        done. A recovery of 10,000 keys took 54.8 ms this way against 64.9 ms by the
-        RESTORE script (medians), as the values never enter Lua (see
-        :mod:`~.transaction`)."""
+        cannot be done so (see :meth:`_transact`); the caller then writes with the
+        RESTORE script, which reports what was refused.
+
+        A command the script runs is not checked as it is queued, and one refused as
+        the script runs would leave the writes after it done. So a SCAN, and a DEL of a
+        key that cannot exist under each of the task's prefixes, are sent first (an ACL
+        denying DEL, or the keys of a role, refuses those). A recovery of 10,000 keys
+        took 54.8 ms this way against 64.9 ms by the RESTORE script (medians), as the
+        values never enter Lua (see :mod:`~.transaction`)."""
         pattern = self.layout.scan_pattern(task_id)
         prefixes = self.layout.task_prefixes(task_id)
         with gc_paused():
             keys = [entry.key for entry, _ in writes]
+            if len(set(keys)) != len(keys):  # a key twice (not from a checkpoint)
+                return None  # the script writes them in order, the last one staying
             drop = ("EVAL", scripts.DROP_STALE, len(keys), *keys, pattern, _SCRIPT_SCAN_COUNT)
             commands = [(*drop, *prefixes), *_commands(writes)]
-            probe = ("SCAN", 0, "MATCH", pattern, "COUNT", 1)
-            replies = self._transact(f"writing the keys of task {task_id}", probe, commands)
+            token = secrets.token_hex(8).encode()
+            probes: list[tuple[Any, ...]] = [("SCAN", 0, "MATCH", pattern, "COUNT", 1)]
+            probes += [("DEL", prefix + b"cfn-checkpoint-probe-" + token) for prefix in prefixes]
+            replies = self._transact(f"writing the keys of task {task_id}", probes, commands)
         return None if replies is None else (len(writes), int(replies[0]))
 
     def _transact(
-        self, action: str, probe: tuple[Any, ...], commands: list[tuple[Any, ...]]
+        self, action: str, probes: list[tuple[Any, ...]], commands: list[tuple[Any, ...]]
     ) -> list[Any] | None:
-        """``commands`` in one MULTI/EXEC after ``probe`` (see
+        """``commands`` in one MULTI/EXEC after ``probes`` (see
         :func:`~.transaction.transaction`): their replies. None, with nothing written,
-        on a cluster, when this runtime has had one refused (it then does not try
-        again), or when the connection failed; a command that failed as it ran is
-        raised, as a :class:`RestoreError` (those before it were done)."""
+        on a cluster, when refused (after an ACL's refusal, NOPERM, this runtime does
+        not try again; after another, such as OOM or LOADING, it tries next time), or
+        when the connection failed. A command that failed as it ran is raised, as a
+        :class:`RestoreError`: the others were done."""
         if self.cluster or not self._transactions:
             return None
         try:
             with redis_errors(action, RestoreError):
-                replies = transaction(self.client, probe, commands)
+                replies = transaction(self.client, probes, commands)
         except StoreUnavailableError:  # connection lost or timed out: that call only
+            return None
+        except Refused as refused:
+            if isinstance(refused.args[0], NoPermissionError):
+                self._transactions = False
             return None
         if replies is None:
             self._transactions = False

@@ -25,22 +25,32 @@ import redis
 from ..pieces import INCOMPLETE, resp_reader
 from .reply import next_reply, receive
 
-__all__ = ["transaction"]
+__all__ = ["Refused", "transaction"]
+
+
+class Refused(Exception):
+    """The server refused a probe, MULTI, or a command as it was queued: nothing of the
+    transaction ran. ``args[0]`` is the refusal, as redis-py's exception."""
 
 
 def transaction(
-    client: redis.Redis | Any, probe: tuple[Any, ...], commands: Sequence[tuple[Any, ...]]
+    client: redis.Redis | Any,
+    probes: Sequence[tuple[Any, ...]],
+    commands: Sequence[tuple[Any, ...]],
 ) -> list[Any] | None:
     """Run ``commands`` in one MULTI/EXEC on one connection of ``client``, after
-    ``probe``: EXEC's replies, an error reply in place as redis-py's exception.
+    ``probes``: EXEC's replies, an error reply in place as redis-py's exception (the
+    commands before and after it ran).
 
-    None, with nothing run but ``probe``, when the client cannot be read so, when
-    ``probe`` or MULTI is refused (an ACL: the caller's other way reports it), or when
-    a command is refused as it is queued (the transaction is then aborted whole). A
-    lost connection or a timeout is raised as redis-py raises it, with the connection
-    closed; if EXEC was sent, it may have run. ``probe`` is a command that must succeed
-    before anything is written (a SCAN that a command of the transaction runs inside a
-    script, say).
+    ``probes`` are commands that must each succeed before anything is queued: what a
+    command of the transaction will do inside a script, which no queue-time check sees
+    (a SCAN; a DEL of a key under each prefix the script may delete from), sent with
+    MULTI in one round trip. None when the client cannot be read so (nothing sent).
+    :class:`Refused` when a probe, MULTI or a queued command is refused: nothing of
+    the transaction ran (EXEC runs nothing then; after a refused probe the
+    connection is closed, which ends its MULTI). A lost connection or a timeout is
+    raised as redis-py raises it, with the connection closed; if EXEC was sent, it may
+    have run.
     """
     if not isinstance(client, redis.Redis) or client.connection is not None:
         return None
@@ -51,53 +61,41 @@ def transaction(
     try:
         if str(getattr(conn, "protocol", None) or 2) not in ("2", "3"):
             return None
-        return _run(conn, probe, commands)
+        return _run(conn, probes, commands)
     except BaseException:
-        conn.disconnect()  # a reply may be left unread: not for the next command
+        conn.disconnect()  # a reply may be left unread, or MULTI open: not used again
         raise
     finally:
         pool.release(conn)
 
 
 def _run(
-    conn: Any, probe: tuple[Any, ...], commands: Sequence[tuple[Any, ...]]
+    conn: Any, probes: Sequence[tuple[Any, ...]], commands: Sequence[tuple[Any, ...]]
 ) -> list[Any] | None:
-    conn.send_packed_command([hiredis.pack_command(probe) + hiredis.pack_command(("MULTI",))])
+    first = [*probes, ("MULTI",)]
+    conn.send_packed_command([b"".join(map(hiredis.pack_command, first))])
     sock = getattr(conn, "_sock", None)
     if not isinstance(sock, socket.socket):
         conn.disconnect()  # sent, but its replies cannot be read here: not used again
         return None
     reader = resp_reader()
     parser = getattr(conn, "_parser", None)
-    probed, multi = _replies(sock, reader, parser, 2)
-    if isinstance(multi, Exception):
-        return None
-    if isinstance(probed, Exception):
-        _replies(sock, reader, parser, 1, send=(conn, ("DISCARD",)))
-        return None
+    refused = [r for r in _replies(sock, reader, parser, len(first)) if isinstance(r, Exception)]
+    if refused:
+        raise Refused(refused[0])  # the caller closes the connection: MULTI ends with it
     packed = [hiredis.pack_command(command) for command in commands]
     packed.append(hiredis.pack_command(("EXEC",)))
     conn.send_packed_command([b"".join(packed)])
     replies = _replies(sock, reader, parser, len(packed))
     executed = replies[-1]
-    if not isinstance(executed, list):  # EXECABORT (a command was refused when queued)
-        return None
+    if not isinstance(executed, list):  # EXECABORT: a command was refused when queued
+        queued = [r for r in replies[:-1] if isinstance(r, Exception)]
+        raise Refused(queued[0] if queued else executed)
     return executed
 
 
-def _replies(
-    sock: socket.socket,
-    reader: Any,
-    parser: Any,
-    count: int,
-    *,
-    send: tuple[Any, tuple[Any, ...]] | None = None,
-) -> list[Any]:
-    """The next ``count`` replies on ``sock`` (after sending ``send``'s command on its
-    connection); push messages go to ``parser``."""
-    if send is not None:
-        conn, command = send
-        conn.send_packed_command([hiredis.pack_command(command)])
+def _replies(sock: socket.socket, reader: Any, parser: Any, count: int) -> list[Any]:
+    """The next ``count`` replies on ``sock``; push messages go to ``parser``."""
     out: list[Any] = []
     pushes = [0]
     while True:
