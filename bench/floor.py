@@ -29,12 +29,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 
 from cfn_checkpoint import KeyLayout
 
 CAPTURE_VARIANTS = ("scan+lua", "lua-all")
-RECOVER_VARIANTS = ("pipeline", "lua")
+RECOVER_VARIANTS = ("pipeline", "lua", "packed")
 BATCH_KEYS = 1_000
 BLOB_BYTES = 1 << 20
 
@@ -224,6 +225,8 @@ class Floor:
             self._write_pipelined(capture)
         elif variant == "lua":
             self._write_lua(capture)
+        elif variant == "packed":
+            self._write_packed(capture)
         else:
             raise ValueError(variant)
         return RecoverTiming(time.perf_counter() - start, read, capture.keys)
@@ -262,6 +265,39 @@ class Floor:
             pipe.mset(plain)
         pipe.execute()
 
+    def _write_packed(self, capture: Capture) -> None:
+        """The pipeline's commands, with no redis-py per command: each packed by hiredis,
+        a batch sent as one buffer on one connection and its replies read by one hiredis
+        reader (as the library's restore sends its MULTI/EXEC)."""
+        conn: Any = self.client.connection_pool.get_connection()
+        try:
+            commands: list[tuple[Any, ...]] = []
+            plain: list[bytes] = []  # strings without a TTL: one MSET a batch
+            written = 0
+            for keys, flat in capture.batches:
+                for i, key in enumerate(keys):
+                    kind, pttl, value = flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]
+                    if kind == b"string" and pttl <= 0:
+                        plain += (key, value)
+                    elif kind == b"string":
+                        commands.append((b"SET", key, value, b"PX", pttl))
+                    else:
+                        if kind == b"zset":
+                            commands.append((b"ZADD", key, *_score_first(value)))
+                        elif kind in _ADD:
+                            commands.append((_ADD[kind], key, *value))
+                        else:
+                            commands.append((b"RESTORE", key, 0, value, b"REPLACE"))
+                        if pttl > 0:
+                            commands.append((b"PEXPIRE", key, pttl))
+                    written += 1
+                    if written % BATCH_KEYS == 0:
+                        _send(conn, commands, plain)
+                        commands, plain = [], []
+            _send(conn, commands, plain)
+        finally:
+            self.client.connection_pool.release(conn)
+
     def _write_lua(self, capture: Capture) -> None:
         pipe = self.client.pipeline(transaction=False)
         for keys, flat in capture.batches:
@@ -278,6 +314,28 @@ class Floor:
                         args.extend(items)
                 pipe.evalsha(self._write, len(batch), *batch, *args)
         pipe.execute()
+
+
+_ADD = {b"list": b"RPUSH", b"hash": b"HSET", b"set": b"SADD"}
+
+
+def _send(conn: Any, commands: list[tuple[Any, ...]], plain: list[bytes]) -> None:
+    """``commands`` (and an MSET of ``plain``) sent as one buffer; their replies read."""
+    if plain:
+        commands = [(b"MSET", *plain), *commands]
+    if not commands:
+        return
+    conn.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
+    reader = hiredis.Reader()
+    got = 0
+    while got < len(commands):
+        reader.feed(conn._sock.recv(1 << 16))
+        reply = reader.gets()
+        while reply is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                raise RuntimeError(f"floor write refused: {reply}")
+            got += 1
+            reply = reader.gets()
 
 
 def _score_first(flat: list[bytes]) -> list[bytes]:

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from itertools import cycle
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,7 @@ def run_floor(
             out[f"create{suffix}_s[{variant}]"] = made.create_s
             captures[which, variant] = capture
     for suffix, which in _FLOOR_BYTES.items():
-        for variant, capture_variant in zip(RECOVER_VARIANTS, CAPTURE_VARIANTS, strict=True):
+        for variant, capture_variant in zip(RECOVER_VARIANTS, cycle(CAPTURE_VARIANTS)):
             client.flushall()
             db = sqlite3.connect(str(tmp / f"floor-{tag}-{capture_variant}-{which}.db"))
             gc.collect()
