@@ -103,17 +103,12 @@ def call_scripts(
     retries. So are the errors redis-py counts as connection errors (``LOADING``: a
     restarted server still reading its data; ``NOAUTH``), which its retries handle.
     """
-    if not isinstance(client, redis.Redis) or client.connection is not None:
+    conn = plain_connection(client)
+    if conn is None:
         return None
-    if client.get_encoder().decode_responses or client.get_cache() is not None:
-        return None
-    pool = client.connection_pool
-    conn: Any = pool.get_connection()  # redis-py's connections are untyped
     replies: list[RawReply] = []
     error = None
     try:
-        if str(getattr(conn, "protocol", None) or 2) not in ("2", "3"):
-            return None
         for i, (keys, args) in enumerate(calls):
             want = None if expected is None else expected[i]
             call = ("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -132,10 +127,25 @@ def call_scripts(
                 break
             replies.append(reply)
     finally:
-        pool.release(conn)
+        client.connection_pool.release(conn)
     if error is not None:
         raise error
     return replies
+
+
+def plain_connection(client: redis.Redis | Any) -> Any:
+    """A connection of ``client``'s pool whose socket can be read here (one server,
+    RESP2 or RESP3, no decoding, no client-side cache), for the caller to release to
+    ``client.connection_pool``; None for any other client."""
+    if not isinstance(client, redis.Redis) or client.connection is not None:
+        return None
+    if client.get_encoder().decode_responses or client.get_cache() is not None:
+        return None
+    conn: Any = client.connection_pool.get_connection()  # redis-py's are untyped
+    if str(getattr(conn, "protocol", None) or 2) not in ("2", "3"):
+        client.connection_pool.release(conn)
+        return None
+    return conn
 
 
 def _call(conn: Any, command: tuple[Any, ...], expected: Pieces | None) -> RawReply | None:

@@ -23,7 +23,7 @@ import hiredis
 import redis
 
 from ..pieces import INCOMPLETE, resp_reader
-from .reply import next_reply, receive
+from .reply import next_reply, plain_connection, receive
 
 __all__ = ["Refused", "transaction"]
 
@@ -52,21 +52,16 @@ def transaction(
     raised as redis-py raises it, with the connection closed; if EXEC was sent, it may
     have run.
     """
-    if not isinstance(client, redis.Redis) or client.connection is not None:
+    conn = plain_connection(client)
+    if conn is None:
         return None
-    if client.get_encoder().decode_responses or client.get_cache() is not None:
-        return None
-    pool = client.connection_pool
-    conn: Any = pool.get_connection()  # redis-py's connections are untyped
     try:
-        if str(getattr(conn, "protocol", None) or 2) not in ("2", "3"):
-            return None
         return _run(conn, probes, commands)
     except BaseException:
         conn.disconnect()  # a reply may be left unread, or MULTI open: not used again
         raise
     finally:
-        pool.release(conn)
+        client.connection_pool.release(conn)
 
 
 def _run(
