@@ -821,10 +821,13 @@ class RedisRuntime:
 
         A command the script runs is not checked as it is queued, and one refused as
         the script runs would leave the writes after it done. So a SCAN, and a DEL of a
-        key that cannot exist under each of the task's prefixes, are sent first (an ACL
-        denying DEL, or the keys of a role, refuses those). A recovery of 10,000 keys
-        took 54.8 ms this way against 64.9 ms by the RESTORE script (medians), as the
-        values never enter Lua (see :mod:`~.transaction`)."""
+        randomly named key (no task's) under each of the task's prefixes, are sent
+        first: an ACL denying DEL, or the keys of a role, refuses those. An ACL allowing
+        a prefix but only some keys under it could still refuse the script's DEL of a
+        stale key as it runs, after the writes were queued (see ``docs/internals.md``).
+
+        A recovery of 10,000 keys took 54.8 ms this way against 64.9 ms by the RESTORE
+        script (medians), as the values never enter Lua (see :mod:`~.transaction`)."""
         pattern = self.layout.scan_pattern(task_id)
         prefixes = self.layout.task_prefixes(task_id)
         with gc_paused():
