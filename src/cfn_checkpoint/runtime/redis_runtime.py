@@ -452,10 +452,10 @@ class RedisRuntime:
         on one server in one MULTI/EXEC, the values never entering Lua (see
         :meth:`_write_transaction`), else, or when that is refused, by RESTORE."""
         with gc_paused():
-            keys = [entry.key for entry, _ in writes]
+            commands = _commands(writes)
             replies = None
-            if len(set(keys)) == len(keys):  # a key twice: the script, in order
-                replies = self._transact("writing task keys", [], _commands(writes))
+            if commands is not None:
+                replies = self._transact("writing task keys", [], commands)
         return len(writes) if replies is not None else self._write([], writes)[0]
 
     def _scan_read(
@@ -831,11 +831,12 @@ class RedisRuntime:
         pattern = self.layout.scan_pattern(task_id)
         prefixes = self.layout.task_prefixes(task_id)
         with gc_paused():
+            writing = _commands(writes)
+            if writing is None:
+                return None
             keys = [entry.key for entry, _ in writes]
-            if len(set(keys)) != len(keys):  # a key twice (not from a checkpoint)
-                return None  # the script writes them in order, the last one staying
             drop = ("EVAL", scripts.DROP_STALE, len(keys), *keys, pattern, _SCRIPT_SCAN_COUNT)
-            commands = [(*drop, *prefixes), *_commands(writes)]
+            commands = [(*drop, *prefixes), *writing]
             token = secrets.token_hex(8).encode()
             probes: list[tuple[Any, ...]] = [("SCAN", 0, "MATCH", pattern, "COUNT", 1)]
             probes += [("DEL", prefix + b"cfn-checkpoint-probe-" + token) for prefix in prefixes]
@@ -943,11 +944,15 @@ _ADD = {
 }
 
 
-def _commands(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[tuple[Any, ...]]:
-    """The commands that write ``writes`` (each key once) as :data:`~.scripts.RESTORE`
-    does: strings without a TTL by one MSET; a string with one by SET PX;
-    a DUMP payload by RESTORE REPLACE; other types deleted first (DEL, 1,000 a
-    command), then built by one command, then given their TTL (PEXPIRE)."""
+def _commands(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[tuple[Any, ...]] | None:
+    """The commands that write ``writes`` as :data:`~.scripts.RESTORE` does: strings
+    without a TTL by one MSET; a string with one by SET PX; a DUMP payload by RESTORE
+    REPLACE; other types deleted first (DEL, 1,000 a command), then built by one
+    command, then given their TTL (PEXPIRE). None when a key comes twice (never from a
+    checkpoint): deleting first would merge them, where the script writes the entries
+    in order and the last one stays."""
+    if len({entry.key for entry, _ in writes}) != len(writes):
+        return None
     plain: list[bytes] = []
     rebuilt: list[bytes] = []
     out: list[tuple[Any, ...]] = []
