@@ -240,6 +240,28 @@ def test_a_key_given_twice_is_written_as_the_script_writes_it(admin: redis.Redis
     assert _execs(admin) == execs
 
 
+def test_many_queued_replies_are_counted_across_reads(admin: redis.Redis) -> None:
+    """30,000 commands: their ``+QUEUED`` replies (270 kB) arrive over several reads,
+    split anywhere, and are counted without being parsed one by one."""
+    commands = [("SET", b"k%d" % i, b"%d" % i) for i in range(30_000)]
+    got = transaction(admin, [], [*commands, ("INCR", "k7")])
+    assert got is not None and len(got) == 30_001
+    assert got[-1] == 8
+    assert admin.dbsize() == 30_000 and admin.get("k29999") == b"29999"
+
+
+@pytest.mark.parametrize("where", [0, 12_345, 29_999])
+def test_a_refusal_among_many_queued_commands_aborts_all(admin: redis.Redis, where: int) -> None:
+    """A command refused as it is queued (here: no key given), first, in the middle of
+    the ``+QUEUED`` replies or last: nothing runs, and the connection is clean."""
+    commands: list[tuple[object, ...]] = [("SET", b"k%d" % i, b"v") for i in range(30_000)]
+    commands[where] = ("GET",)
+    with pytest.raises(Refused, match="wrong number of arguments"):
+        transaction(admin, [], commands)
+    assert admin.dbsize() == 0
+    assert admin.set("c", "1") and admin.get("c") == b"1"
+
+
 def test_a_command_failing_as_it_runs_is_returned_in_place(admin: redis.Redis) -> None:
     got = transaction(admin, [], [("SET", "a", "1"), ("LPUSH", "a", "x"), ("SET", "b", "2")])
     assert got is not None
