@@ -13,6 +13,7 @@ import redis
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.errors import CheckpointError, StoreUnavailableError
 from cfn_checkpoint.model import RedisType, RuntimeEntry
+from cfn_checkpoint.runtime.commands import Restoring
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
 from conftest import redis_binary, redis_client, require
@@ -142,12 +143,12 @@ class _WriterBeforeRestore(RedisRuntime):
         self._restore = run  # type: ignore[assignment]
 
     def _write_transaction(
-        self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]
+        self, task_id: str, entries: Sequence[RuntimeEntry], restoring: Restoring
     ) -> tuple[int, int] | None:
         if not self._transaction:
             return None
         self._writer.set(self._late, b"created meanwhile")
-        return super()._write_transaction(task_id, writes)
+        return super()._write_transaction(task_id, entries, restoring)
 
 
 @pytest.mark.parametrize("transaction", [True, False], ids=["transaction", "script"])

@@ -31,6 +31,7 @@ from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from ..pieces import Pieces
 from . import scripts
+from .commands import AS_GIVEN, Restoring, TtlClock, items_of, restore_commands
 from .connection import REDIS_ERRORS, RedisClient, connect, redact_url, redis_errors
 from .reply import RawReply, call_scripts
 from .transaction import Refused, transaction
@@ -452,10 +453,15 @@ class RedisRuntime:
         on one server in one MULTI/EXEC, the values never entering Lua (see
         :meth:`_write_transaction`), else, or when that is refused, by RESTORE."""
         with gc_paused():
-            commands = _commands(writes)
+            # Their TTLs planned already: as given.
+            planned = [
+                entry if ttl == (entry.pttl_ms or -1) else _ttl(entry, ttl) for entry, ttl in writes
+            ]
+            prefixes = self.layout.task_prefixes(task_id)
+            restoring = restore_commands(task_id, prefixes, planned, AS_GIVEN)
             replies = None
-            if commands is not None:
-                replies = self._transact("writing task keys", [], commands)
+            if restoring.commands is not None:
+                replies = self._transact("writing task keys", [], restoring.commands)
         return len(writes) if replies is not None else self._write([], writes)[0]
 
     def _scan_read(
@@ -650,25 +656,35 @@ class RedisRuntime:
         batch_keys: int,
     ) -> RestoreStats:
         prefixes = self.layout.task_prefixes(task_id)
+        clock = self.ttl_clock(task_id, captured_at_ms, ttl_policy)
+        checked = False
+        if not self.cluster and self._transactions and len(entries) <= atomic_max_keys:
+            # The fast way (see there): its commands made in one pass over the entries,
+            # which checks their prefixes too.
+            restoring = restore_commands(task_id, prefixes, entries, clock)
+            self.check_dumps(task_id, restoring.dumps)
+            checked = True
+            size = self.dbsize()
+            fits = size <= min(self.exact_scan_max_keys, atomic_max_keys - restoring.written)
+            if fits and restoring.commands is not None:
+                done = self._write_transaction(task_id, entries, restoring)
+                if done is not None:
+                    return RestoreStats(*done, len(restoring.lapsed), True)
         for entry in entries:
             if not entry.key.startswith(prefixes):
                 raise RestoreError(
                     f"checkpoint key {entry.key!r} does not belong to task {task_id}"
                 )
-        writes, lapsed = self.plan_ttls(task_id, entries, captured_at_ms, ttl_policy)
-        self.check_dumps(task_id, [entry for entry, _ in writes])
+        writes, lapsed = clock.split(entries)
+        if not checked:
+            self.check_dumps(task_id, [entry for entry, _ in writes])
         too_large = len(writes) > atomic_max_keys
         size = 0 if self.cluster or too_large else self.dbsize()
         if not self.cluster and not too_large and size <= self.exact_scan_max_keys:
             # Stale keys are found by a SCAN inside the atomic step itself: listing them
             # first would let a key created between the listing and the write survive,
             # next to keys restored from another moment.
-            max_extra = atomic_max_keys - len(writes)
-            done = None
-            if size <= max_extra:  # the fast way: see there
-                done = self._write_transaction(task_id, writes)
-            if done is None:
-                done = self._write_scanning(task_id, writes, max_extra)
+            done = self._write_scanning(task_id, writes, atomic_max_keys - len(writes))
             if done is not None:
                 return RestoreStats(*done, len(lapsed), True)
             too_large = True  # with the keys to delete; nothing was written
@@ -735,24 +751,15 @@ class RedisRuntime:
     ) -> tuple[list[tuple[RuntimeEntry, int]], list[RuntimeEntry]]:
         """What a restore now would write: ``(entry, TTL ms or -1)`` pairs, and the entries
         left out because their TTL has run out under the policy."""
-        policy = ttl_policy or TtlPolicy()
+        return self.ttl_clock(task_id, captured_at_ms, ttl_policy).split(entries)
+
+    def ttl_clock(
+        self, task_id: str, captured_at_ms: int, ttl_policy: TtlPolicy | None = None
+    ) -> TtlClock:
+        """The TTLs a restore of ``task_id``'s keys captured at ``captured_at_ms`` sets now."""
         elapsed = max(0, self.server_time_ms(task_id) - captured_at_ms)
         lock_prefix = self.layout.task_prefix("lock", task_id)
-        writes: list[tuple[RuntimeEntry, int]] = []
-        lapsed: list[RuntimeEntry] = []
-        for entry in entries:
-            pttl = entry.pttl_ms
-            if pttl is None:
-                writes.append((entry, -1))
-                continue
-            lock = entry.key.startswith(lock_prefix)
-            if (policy.locks if lock else policy.others) == "absolute":
-                pttl -= elapsed
-            if pttl <= 0:
-                lapsed.append(entry)
-            else:
-                writes.append((entry, pttl))
-        return writes, lapsed
+        return TtlClock(elapsed, ttl_policy or TtlPolicy(), lock_prefix)
 
     def check_dumps(self, task_id: str, entries: Sequence[RuntimeEntry]) -> None:
         """Refuse, before anything is written, DUMP payloads this server cannot read.
@@ -811,37 +818,44 @@ class RedisRuntime:
         return sum(int(w) for w, _ in answers), sum(int(r) for _, r in answers), set()
 
     def _write_transaction(
-        self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]
+        self, task_id: str, entries: Sequence[RuntimeEntry], restoring: Restoring
     ) -> tuple[int, int] | None:
-        """On one server, write ``writes`` in one MULTI/EXEC whose first command, the
-        :data:`~.scripts.DROP_STALE` script, deletes every other key of ``task_id`` its
-        own SCAN finds: ``(written, removed)``. None, with nothing written, when it
-        cannot be done so (see :meth:`_transact`); the caller then writes with the
-        RESTORE script, which reports what was refused.
+        """On one server, send ``restoring``'s commands (which write ``entries``, see
+        :func:`~.commands.restore_commands`) in one MULTI/EXEC whose first command, the
+        :data:`~.scripts.DROP_TASK` script, deletes every key of ``task_id`` its own SCAN
+        finds: ``(written, removed)``, ``removed`` counting the keys deleted that were
+        not written again. None, with nothing written, when it cannot be done so (see
+        :meth:`_transact`); the caller then writes with the RESTORE script, which
+        reports what was refused.
 
         A command the script runs is not checked as it is queued, and one refused as
         the script runs would leave the writes after it done. So a SCAN, and a DEL of a
         randomly named key (no task's) under each of the task's prefixes, are sent
         first: an ACL denying DEL, or the keys of a role, refuses those. An ACL allowing
         a prefix but only some keys under it could still refuse the script's DEL of a
-        stale key as it runs, after the writes were queued (see ``docs/internals.md``).
+        key as it runs, after the writes were queued (see ``docs/internals.md``).
 
         A recovery of 10,000 keys took 54.8 ms this way against 64.9 ms by the RESTORE
         script (medians), as the values never enter Lua (see :mod:`~.transaction`)."""
         pattern = self.layout.scan_pattern(task_id)
         prefixes = self.layout.task_prefixes(task_id)
-        with gc_paused():
-            writing = _commands(writes)
-            if writing is None:
-                return None
-            keys = [entry.key for entry, _ in writes]
-            drop = ("EVAL", scripts.DROP_STALE, len(keys), *keys, pattern, _SCRIPT_SCAN_COUNT)
-            commands = [(*drop, *prefixes), *writing]
-            token = secrets.token_hex(8).encode()
-            probes: list[tuple[Any, ...]] = [("SCAN", 0, "MATCH", pattern, "COUNT", 1)]
-            probes += [("DEL", prefix + b"cfn-checkpoint-probe-" + token) for prefix in prefixes]
-            replies = self._transact(f"writing the keys of task {task_id}", probes, commands)
-        return None if replies is None else (len(writes), int(replies[0]))
+        if restoring.commands is None:
+            return None
+        drop = ("EVAL", scripts.DROP_TASK, 0, pattern, _SCRIPT_SCAN_COUNT, *prefixes)
+        token = secrets.token_hex(8).encode()
+        probes: list[tuple[Any, ...]] = [("SCAN", 0, "MATCH", pattern, "COUNT", 1)]
+        probes += [("DEL", prefix + b"cfn-checkpoint-probe-" + token) for prefix in prefixes]
+        replies = self._transact(
+            f"writing the keys of task {task_id}", probes, [drop, *restoring.commands]
+        )
+        if replies is None:
+            return None
+        deleted = replies[0]
+        if not deleted:  # after a crash: no key of the task was left
+            return restoring.written, 0
+        lapsed = {entry.key for entry in restoring.lapsed}
+        written = {entry.key for entry in entries if entry.key not in lapsed}
+        return restoring.written, sum(key not in written for key in deleted)
 
     def _transact(
         self, action: str, probes: list[tuple[Any, ...]], commands: list[tuple[Any, ...]]
@@ -916,6 +930,11 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+def _ttl(entry: RuntimeEntry, ttl: int) -> RuntimeEntry:
+    """``entry`` with the TTL ``ttl`` ms (-1: none)."""
+    return entry._replace(pttl_ms=None if ttl < 0 else ttl)
+
+
 _TYPE_NAMES = {t: t.value for t in RedisType}
 _entry_type = attrgetter("type")
 
@@ -929,63 +948,10 @@ def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[Any]:
         if e.type in one_item:
             add((names[e.type], pttl, e.value))
         else:
-            items = _items(e)
+            items = items_of(e)
             add((names[e.type], pttl, len(items)))
             add(items)
     return out
 
 
 _ONE_ITEM = frozenset((RedisType.STRING, RedisType.DUMP))
-_ADD = {
-    RedisType.LIST: b"RPUSH",
-    RedisType.SET: b"SADD",
-    RedisType.HASH: b"HSET",
-    RedisType.ZSET: b"ZADD",
-}
-
-
-def _commands(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[tuple[Any, ...]] | None:
-    """The commands that write ``writes`` as :data:`~.scripts.RESTORE` does: strings
-    without a TTL by one MSET; a string with one by SET PX; a DUMP payload by RESTORE
-    REPLACE; other types deleted first (DEL, 1,000 a command), then built by one
-    command, then given their TTL (PEXPIRE). None when a key comes twice (never from a
-    checkpoint): deleting first would merge them, where the script writes the entries
-    in order and the last one stays."""
-    if len({entry.key for entry, _ in writes}) != len(writes):
-        return None
-    plain: list[bytes] = []
-    rebuilt: list[bytes] = []
-    out: list[tuple[Any, ...]] = []
-    for entry, pttl in writes:
-        kind = entry.type
-        if kind is RedisType.STRING:
-            if pttl > 0:
-                out.append((b"SET", entry.key, entry.value, b"PX", pttl))
-            else:
-                plain += (entry.key, entry.value)
-        elif kind is RedisType.DUMP:
-            out.append((b"RESTORE", entry.key, max(pttl, 0), entry.value, b"REPLACE"))
-        else:
-            rebuilt.append(entry.key)
-            items = _items(entry)
-            if items:  # none: the key stays deleted, as Redis keeps no empty one
-                out.append((_ADD[kind], entry.key, *items))
-                if pttl > 0:
-                    out.append((b"PEXPIRE", entry.key, pttl))
-    head: list[tuple[Any, ...]] = [
-        (b"DEL", *rebuilt[i : i + 1000]) for i in range(0, len(rebuilt), 1000)
-    ]
-    if plain:  # one MSET: refused by an ACL, it is refused once
-        head.append((b"MSET", *plain))
-    return head + out
-
-
-def _items(entry: RuntimeEntry) -> list[bytes]:
-    kind = entry.type
-    if kind is RedisType.LIST or kind is RedisType.SET:
-        return list(entry.value)
-    if kind is RedisType.HASH:
-        return [part for pair in entry.value for part in pair]
-    if kind is RedisType.ZSET:
-        return [part for member, score in entry.value for part in (score, member)]
-    raise CheckpointError(f"cannot restore a key of type {kind}")

@@ -1,0 +1,151 @@
+"""The commands that write a task's keys back on one server, as a restore's MULTI/EXEC
+sends them (see ``RedisRuntime._write_transaction``), and the TTLs they set.
+
+They are made in one pass over the entries, which also checks each key's prefix and
+plans its TTL: at 10,000 keys a pass costs a few ms of Python, and three separate ones
+(the prefix check, the TTL plan making an ``(entry, TTL)`` pair a key, the commands)
+took 8-9.5 ms against 3.3-4.8 ms for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, NamedTuple
+
+from ..errors import CheckpointError, RestoreError
+from ..model import RedisType, RuntimeEntry, TtlPolicy
+
+__all__ = ["AS_GIVEN", "Restoring", "TtlClock", "items_of", "restore_commands"]
+
+_STRING, _DUMP, _LIST, _SET = RedisType.STRING, RedisType.DUMP, RedisType.LIST, RedisType.SET
+_ADD = {
+    RedisType.LIST: b"RPUSH",
+    RedisType.SET: b"SADD",
+    RedisType.HASH: b"HSET",
+    RedisType.ZSET: b"ZADD",
+}
+_key = itemgetter(0)
+
+
+@dataclass(frozen=True, slots=True)
+class TtlClock:
+    """The TTLs a restore sets now, for keys captured ``elapsed_ms`` ago on the server
+    clock: under ``policy`` a key keeps its expiry instant (``absolute``: its TTL less
+    the time elapsed) or the TTL it had left (``remaining``). Keys under
+    ``lock_prefix`` follow the policy for locks."""
+
+    elapsed_ms: int
+    policy: TtlPolicy
+    lock_prefix: bytes
+
+    def split(
+        self, entries: Sequence[RuntimeEntry]
+    ) -> tuple[list[tuple[RuntimeEntry, int]], list[RuntimeEntry]]:
+        """``(entry, TTL ms or -1)`` for each entry to write, and the entries left out
+        because their TTL has run out."""
+        writes: list[tuple[RuntimeEntry, int]] = []
+        lapsed: list[RuntimeEntry] = []
+        locks, others = self._absolute()
+        for entry in entries:
+            pttl = entry.pttl_ms
+            if pttl is None:
+                writes.append((entry, -1))
+                continue
+            if locks if entry.key.startswith(self.lock_prefix) else others:
+                pttl -= self.elapsed_ms
+            if pttl <= 0:
+                lapsed.append(entry)
+            else:
+                writes.append((entry, pttl))
+        return writes, lapsed
+
+    def _absolute(self) -> tuple[bool, bool]:
+        """Whether locks, and other keys, keep their expiry instant."""
+        return self.policy.locks == "absolute", self.policy.others == "absolute"
+
+
+#: TTLs exactly as the entries carry them (entries whose TTL was planned already).
+AS_GIVEN = TtlClock(0, TtlPolicy("remaining", "remaining"), b"")
+
+
+class Restoring(NamedTuple):
+    """What a restore's transaction sends, and what it leaves out."""
+
+    #: The commands, in order: DEL of the keys rebuilt by one command (1,000 a
+    #: command), one MSET of the strings without a TTL, then a command a key (SET PX,
+    #: RESTORE REPLACE, RPUSH / SADD / HSET / ZADD, each followed by PEXPIRE for a
+    #: TTL). None when a key comes twice (never from a checkpoint): deleting first
+    #: would merge them, where the RESTORE script writes the entries in order and the
+    #: last one stays.
+    commands: list[tuple[Any, ...]] | None
+    #: How many keys the commands write.
+    written: int
+    #: The entries left out because their TTL has run out.
+    lapsed: list[RuntimeEntry]
+    #: The entries written from a DUMP payload (this server must be able to read them).
+    dumps: list[RuntimeEntry]
+
+
+def restore_commands(
+    task_id: str, prefixes: tuple[bytes, ...], entries: Sequence[RuntimeEntry], clock: TtlClock
+) -> Restoring:
+    """The commands that write ``entries`` with the TTLs of ``clock``, as the RESTORE
+    script writes them. Raises :class:`RestoreError`, before anything is sent, for a
+    key not under one of ``prefixes`` (the task's)."""
+    plain: list[bytes] = []
+    rebuilt: list[bytes] = []
+    out: list[tuple[Any, ...]] = []
+    lapsed: list[RuntimeEntry] = []
+    dumps: list[RuntimeEntry] = []
+    add, lock_prefix, elapsed = out.append, clock.lock_prefix, clock.elapsed_ms
+    locks, others = clock._absolute()
+    for entry in entries:
+        key, kind, value, pttl, _ = entry
+        if not key.startswith(prefixes):
+            raise RestoreError(f"checkpoint key {key!r} does not belong to task {task_id}")
+        if pttl is not None:
+            if locks if key.startswith(lock_prefix) else others:
+                pttl -= elapsed
+            if pttl <= 0:
+                lapsed.append(entry)
+                continue
+        if kind is _STRING:
+            if pttl is None:
+                plain += (key, value)
+            else:
+                add((b"SET", key, value, b"PX", pttl))
+        elif kind is _DUMP:
+            dumps.append(entry)
+            add((b"RESTORE", key, pttl or 0, value, b"REPLACE"))
+        else:
+            rebuilt.append(key)
+            items = value if kind is _LIST or kind is _SET else items_of(entry)
+            if items:  # none: the key stays deleted, as Redis keeps no empty one
+                add((_ADD[kind], key, *items))
+                if pttl is not None:
+                    add((b"PEXPIRE", key, pttl))
+    written = len(entries) - len(lapsed)
+    if len(set(map(_key, entries))) != len(entries):
+        return Restoring(None, written, lapsed, dumps)
+    head: list[tuple[Any, ...]] = [
+        (b"DEL", *rebuilt[i : i + 1000]) for i in range(0, len(rebuilt), 1000)
+    ]
+    if plain:  # one MSET: refused by an ACL, it is refused once
+        head.append((b"MSET", *plain))
+    return Restoring(head + out, written, lapsed, dumps)
+
+
+def items_of(entry: RuntimeEntry) -> list[bytes]:
+    """The items of a list or a set, a hash's fields and values, a sorted set's scores
+    and members: as the command that rebuilds the key (and the RESTORE script) takes
+    them."""
+    kind = entry.type
+    if kind is _LIST or kind is _SET:
+        return list(entry.value)
+    if kind is RedisType.HASH:
+        return [part for pair in entry.value for part in pair]
+    if kind is RedisType.ZSET:
+        return [part for member, score in entry.value for part in (score, member)]
+    raise CheckpointError(f"cannot restore a key of type {kind}")
