@@ -262,6 +262,33 @@ def test_a_refusal_among_many_queued_commands_aborts_all(admin: redis.Redis, whe
     assert admin.set("c", "1") and admin.get("c") == b"1"
 
 
+def test_a_batch_written_with_a_ttl_of_zero_gets_none(admin: redis.Redis) -> None:
+    """``write_entries`` takes TTLs planned already: 0 or less (or an entry's own TTL
+    of 0 with -1 given) writes the key without one, as the RESTORE script does."""
+    runtime = RedisRuntime(admin)
+    a, b, c = KEY("agent", "t", "a"), KEY("agent", "t", "b"), KEY("lock", "t", "c")
+    writes = [
+        (RuntimeEntry(a, RedisType.STRING, b"va", 5_000), 0),
+        (RuntimeEntry(b, RedisType.STRING, b"vb", 0), -1),
+        (RuntimeEntry(c, RedisType.STRING, b"vc", 5_000), 3_000),
+    ]
+    execs = _execs(admin)
+    assert runtime.write_entries("t", writes) == 3
+    assert _execs(admin) == execs + 1
+    assert admin.mget(a, b, c) == [b"va", b"vb", b"vc"]
+    assert (admin.pttl(a), admin.pttl(b)) == (-1, -1) and 0 < admin.pttl(c) <= 3_000
+
+
+def test_a_batch_holding_another_tasks_key_writes_nothing(admin: redis.Redis) -> None:
+    writes = [
+        (RuntimeEntry(KEY("agent", "t", "a"), RedisType.STRING, b"v"), -1),
+        (RuntimeEntry(KEY("agent", "other", "a"), RedisType.STRING, b"v"), -1),
+    ]
+    with pytest.raises(RestoreError, match="does not belong to task t"):
+        RedisRuntime(admin).write_entries("t", writes)
+    assert admin.dbsize() == 0
+
+
 def test_a_command_failing_as_it_runs_is_returned_in_place(admin: redis.Redis) -> None:
     got = transaction(admin, [], [("SET", "a", "1"), ("LPUSH", "a", "x"), ("SET", "b", "2")])
     assert got is not None

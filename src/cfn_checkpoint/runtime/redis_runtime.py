@@ -451,11 +451,14 @@ class RedisRuntime:
     def write_entries(self, task_id: str, writes: Sequence[tuple[RuntimeEntry, int]]) -> int:
         """Write one batch of ``(entry, TTL ms or -1)`` (not atomic with other batches):
         on one server in one MULTI/EXEC, the values never entering Lua (see
-        :meth:`_write_transaction`), else, or when that is refused, by RESTORE."""
+        :meth:`_write_transaction`), else, or when that is refused, by RESTORE. A TTL
+        of 0 or less writes the key without one. A key not of ``task_id`` is refused
+        (:class:`RestoreError`) before anything is written."""
         with gc_paused():
             # Their TTLs planned already: as given.
             planned = [
-                entry if ttl == (entry.pttl_ms or -1) else _ttl(entry, ttl) for entry, ttl in writes
+                entry if entry.pttl_ms == (ttl if ttl > 0 else None) else _ttl(entry, ttl)
+                for entry, ttl in writes
             ]
             prefixes = self.layout.task_prefixes(task_id)
             restoring = restore_commands(task_id, prefixes, planned, AS_GIVEN)
@@ -660,7 +663,8 @@ class RedisRuntime:
         checked = False
         if not self.cluster and self._transactions and len(entries) <= atomic_max_keys:
             # The fast way (see there): its commands made in one pass over the entries,
-            # which checks their prefixes too.
+            # which checks their prefixes too. Counted before lapsed keys are left out,
+            # so that no commands are made for a task far too large to write at once.
             restoring = restore_commands(task_id, prefixes, entries, clock)
             self.check_dumps(task_id, restoring.dumps)
             checked = True
@@ -855,7 +859,7 @@ class RedisRuntime:
             return restoring.written, 0
         lapsed = {entry.key for entry in restoring.lapsed}
         written = {entry.key for entry in entries if entry.key not in lapsed}
-        return restoring.written, sum(key not in written for key in deleted)
+        return restoring.written, len(set(deleted) - written)  # SCAN may repeat a key
 
     def _transact(
         self, action: str, probes: list[tuple[Any, ...]], commands: list[tuple[Any, ...]]
@@ -931,8 +935,8 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def _ttl(entry: RuntimeEntry, ttl: int) -> RuntimeEntry:
-    """``entry`` with the TTL ``ttl`` ms (-1: none)."""
-    return entry._replace(pttl_ms=None if ttl < 0 else ttl)
+    """``entry`` with the TTL ``ttl`` ms (0 or less: none, as a write with TTL -1)."""
+    return entry._replace(pttl_ms=ttl if ttl > 0 else None)
 
 
 _TYPE_NAMES = {t: t.value for t in RedisType}

@@ -98,7 +98,10 @@ def _queued_then_exec(sock: socket.socket, reader: Any, parser: Any, queued: int
     """The replies to ``queued`` commands sent inside MULTI, then EXEC's: as
     :func:`_replies`, but a run of ``+QUEUED`` replies is counted by comparing bytes,
     not read one by one (10,000 keys: about 4,500 of them, which cost a Python call
-    each). At the first other byte the rest is read by :func:`_replies`."""
+    each). At the first other byte the rest is read by :func:`_replies`, as is all of
+    it when ``reader`` holds part of a reply already (a push message after MULTI's)."""
+    if reader.has_data():
+        return _replies(sock, reader, parser, queued + 1)
     tail = b""
     skipped = 0
     while skipped < queued:
