@@ -14,6 +14,7 @@ import redis
 
 from cfn_checkpoint import EmbeddedRedis, KeyLayout
 from cfn_checkpoint.errors import RestoreError
+from cfn_checkpoint.image import DecodedRows
 from cfn_checkpoint.model import RedisType, RuntimeEntry
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 from cfn_checkpoint.runtime.transaction import Refused, transaction
@@ -119,6 +120,49 @@ def test_a_transaction_restores_what_the_script_restores(admin: redis.Redis, ato
     assert KEY("queue", "t", "none") not in results["transaction"]
     assert KEY("agent", "t", "stale") not in results["transaction"]
     assert results["transaction"][KEY("agent", "other", "k")][0] is not None
+
+
+def _as_rows(entries: list[RuntimeEntry], captured_at_ms: int) -> DecodedRows:
+    """``entries`` as a decoded checkpoint holds them: a plain string or list as its
+    stored row, anything else as its entry."""
+    ordered = sorted(entries)
+    rows: list[object] = []
+    for e in ordered:
+        plain = e.type in (RedisType.STRING, RedisType.LIST) and e.native_type is None
+        kind = e.type.value.encode()
+        rows.append([e.key, kind, e.value, e.pttl_ms is not None, False] if plain else e)
+    expiries = [None if e.pttl_ms is None else captured_at_ms + e.pttl_ms for e in ordered]
+    return DecodedRows([e.key for e in ordered], rows, expiries, captured_at_ms)
+
+
+def test_rows_of_a_checkpoint_restore_as_their_entries_do(admin: redis.Redis) -> None:
+    """A recovery writes the decoded rows without making entries of them: the same
+    keys, values, TTLs and counts as the entries (transaction) and the script, with a
+    lock whose TTL ran out still in Redis (deleted, counted as removed)."""
+    captured = RedisRuntime(admin).server_time_ms() - 2_000
+    lapsed = KEY("lock", "t", "gone")
+    entries = [*_entries(admin), RuntimeEntry(lapsed, RedisType.STRING, b"x", 1_000)]
+    results = {}
+    for way in ("rows", "entries", "script"):
+        admin.flushall()
+        _seed(admin)
+        admin.set(lapsed, b"still here")
+        runtime = RedisRuntime(admin)
+        runtime._transactions = way != "script"
+        source = _as_rows(entries, captured) if way == "rows" else entries
+        execs = _execs(admin)
+        stats = runtime.restore("t", source, captured)
+        assert _execs(admin) == execs + (way != "script")
+        assert (stats.keys_written, stats.keys_removed, stats.keys_expired) == (
+            len(entries) - 1,
+            2,
+            1,
+        )
+        results[way] = _state(admin)
+    assert results["rows"] == results["entries"] == results["script"]
+    assert lapsed not in results["rows"]
+    rows = _as_rows(entries, captured)
+    assert rows.entries() == sorted(entries) and len(rows) == len(entries)
 
 
 def test_a_user_denied_multi_gets_the_script(admin: redis.Redis, server: EmbeddedRedis) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .codec import Payload, decode_tables, decompress_verified, state_hashes
 from .durable.schema import SKILL_TABLE
 from .errors import CorruptCheckpointError, UnreadableFormatError
-from .image import Keyframe, KeyIndex, decode_image
+from .image import DecodedRows, Keyframe, KeyIndex, decode_image
 from .model import READABLE_FORMATS, CheckpointMetadata, RuntimeEntry, TableRows
 
 #: Payload kinds that hold runtime keys.
@@ -20,7 +20,8 @@ class CheckpointContents:
     """A verified checkpoint: its catalog row, runtime keys and durable rows."""
 
     meta: CheckpointMetadata
-    entries: list[RuntimeEntry]
+    #: The runtime keys, as decoded (see :attr:`entries`).
+    rows: DecodedRows
     #: Server clock (ms since the epoch) when the runtime keys were read.
     captured_at_ms: int
     tables: dict[str, TableRows]
@@ -29,6 +30,11 @@ class CheckpointContents:
     keyframe: Keyframe
     #: Each runtime key's row digest and expiry instant in this checkpoint.
     current: KeyIndex
+
+    @property
+    def entries(self) -> list[RuntimeEntry]:
+        """The runtime keys, in key order."""
+        return self.rows.entries()
 
 
 def verify_contents(
@@ -93,9 +99,9 @@ def _verify(
         raise CorruptCheckpointError(f"{name}: its runtime keys do not match their hash")
     if state_hashes(image.runtime_hash, durable, skill_digest, version)[0] != meta.state_hash:
         raise CorruptCheckpointError(f"{name} does not match its state hash")
-    if len(image.entries) != meta.key_count:
+    if len(image.rows) != meta.key_count:
         raise CorruptCheckpointError(
-            f"{name} holds {len(image.entries)} keys, its catalog row says {meta.key_count}"
+            f"{name} holds {len(image.rows)} keys, its catalog row says {meta.key_count}"
         )
     by_digest = {p.digest: p.raw for p in payloads}
     tables = decode_tables(durable, by_digest[durable])
@@ -105,5 +111,5 @@ def _verify(
             SKILL_TABLE, skill_rows
         )
     return CheckpointContents(
-        meta, image.entries, image.captured_at_ms, tables, skill_rows, image.keyframe, image.current
+        meta, image.rows, image.captured_at_ms, tables, skill_rows, image.keyframe, image.current
     )

@@ -982,7 +982,7 @@ class CheckpointManager:
         cfg = self.config
         stats = self.runtime.restore(
             loaded.meta.task_id,
-            loaded.entries,
+            loaded.rows,
             loaded.captured_at_ms,
             ttl_policy=cfg.ttl_policy,
             atomic_max_keys=cfg.atomic_max_keys,

@@ -9,12 +9,14 @@ took 8-9.5 ms against 3.3-4.8 ms for one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ..errors import CheckpointError, RestoreError
+from ..image import DecodedRows
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 
 __all__ = ["AS_GIVEN", "Restoring", "TtlClock", "items_of", "restore_commands"]
@@ -89,9 +91,13 @@ class Restoring(NamedTuple):
 
 
 def restore_commands(
-    task_id: str, prefixes: tuple[bytes, ...], entries: Sequence[RuntimeEntry], clock: TtlClock
+    task_id: str,
+    prefixes: tuple[bytes, ...],
+    entries: Sequence[RuntimeEntry] | DecodedRows,
+    clock: TtlClock,
 ) -> Restoring:
-    """The commands that write ``entries`` with the TTLs of ``clock``, as the RESTORE
+    """The commands that write ``entries`` (or rows decoded from a checkpoint, written
+    without making an entry of each) with the TTLs of ``clock``, as the RESTORE
     script writes them. Raises :class:`RestoreError`, before anything is sent, for a
     key not under one of ``prefixes`` (the task's)."""
     plain: list[bytes] = []
@@ -101,15 +107,26 @@ def restore_commands(
     dumps: list[RuntimeEntry] = []
     add, lock_prefix, elapsed = out.append, clock.lock_prefix, clock.elapsed_ms
     locks, others = clock._absolute()
-    for entry in entries:
-        key, kind, value, pttl, _ = entry
+    if isinstance(entries, DecodedRows):
+        items: Iterable[tuple[Any, int | None]] = zip(entries.rows, entries.expiries, strict=True)
+        captured, unique = entries.captured_at_ms, True  # a checkpoint's keys, in order
+    else:
+        items, captured = zip(entries, repeat(None)), 0
+        unique = len(set(map(_key, entries))) == len(entries)
+    for item, expiry in items:
+        if item.__class__ is list:  # a row as stored: a plain string or list
+            key, value = item[0], item[2]
+            kind = _STRING if item[1] == b"string" else _LIST
+            pttl = None if expiry is None else expiry - captured
+        else:
+            key, kind, value, pttl, _ = item
         if not key.startswith(prefixes):
             raise RestoreError(f"checkpoint key {key!r} does not belong to task {task_id}")
         if pttl is not None:
             if locks if key.startswith(lock_prefix) else others:
                 pttl -= elapsed
             if pttl <= 0:
-                lapsed.append(entry)
+                lapsed.append(_entry(item, expiry, captured))
                 continue
         if kind is _STRING:
             if pttl is None:
@@ -117,17 +134,17 @@ def restore_commands(
             else:
                 add((b"SET", key, value, b"PX", pttl))
         elif kind is _DUMP:
-            dumps.append(entry)
+            dumps.append(item)
             add((b"RESTORE", key, pttl or 0, value, b"REPLACE"))
         else:
             rebuilt.append(key)
-            items = value if kind is _LIST or kind is _SET else items_of(entry)
-            if items:  # none: the key stays deleted, as Redis keeps no empty one
-                add((_ADD[kind], key, *items))
+            values = value if kind is _LIST or kind is _SET else items_of(item)
+            if values:  # none: the key stays deleted, as Redis keeps no empty one
+                add((_ADD[kind], key, *values))
                 if pttl is not None:
                     add((b"PEXPIRE", key, pttl))
     written = len(entries) - len(lapsed)
-    if len(set(map(_key, entries))) != len(entries):
+    if not unique:
         return Restoring(None, written, lapsed, dumps)
     head: list[tuple[Any, ...]] = [
         (b"DEL", *rebuilt[i : i + 1000]) for i in range(0, len(rebuilt), 1000)
@@ -135,6 +152,14 @@ def restore_commands(
     if plain:  # one MSET: refused by an ACL, it is refused once
         head.append((b"MSET", *plain))
     return Restoring(head + out, written, lapsed, dumps)
+
+
+def _entry(item: Any, expiry: int | None, captured: int) -> RuntimeEntry:
+    """An entry, or a row as stored (see :class:`DecodedRows`) made one."""
+    if item.__class__ is not list:
+        return cast(RuntimeEntry, item)
+    kind = _STRING if item[1] == b"string" else _LIST
+    return RuntimeEntry(item[0], kind, item[2], None if expiry is None else expiry - captured)
 
 
 def items_of(entry: RuntimeEntry) -> list[bytes]:

@@ -26,7 +26,7 @@ from redis.crc import key_slot
 from redis.exceptions import NoPermissionError
 
 from ..errors import CheckpointError, RestoreError, StoreUnavailableError
-from ..image import Packed, Snapshot, gc_paused, packed_rows
+from ..image import DecodedRows, Packed, Snapshot, gc_paused, packed_rows
 from ..layout import KeyLayout, escape_glob, validate_task_id
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 from ..pieces import Pieces
@@ -626,14 +626,15 @@ class RedisRuntime:
     def restore(
         self,
         task_id: str,
-        entries: Sequence[RuntimeEntry],
+        entries: Sequence[RuntimeEntry] | DecodedRows,
         captured_at_ms: int,
         *,
         ttl_policy: TtlPolicy | None = None,
         atomic_max_keys: int = 50_000,
         batch_keys: int = 1_000,
     ) -> RestoreStats:
-        """Make the task's keys exactly ``entries``: others of the task are removed.
+        """Make the task's keys exactly ``entries`` (or the rows of a checkpoint, see
+        :class:`~cfn_checkpoint.image.DecodedRows`): others of the task are removed.
 
         Atomic (one Lua script) when the keys involved number at most
         ``atomic_max_keys``; in batches otherwise. On one server that script finds the
@@ -652,7 +653,7 @@ class RedisRuntime:
     def _restore_all(
         self,
         task_id: str,
-        entries: Sequence[RuntimeEntry],
+        source: Sequence[RuntimeEntry] | DecodedRows,
         captured_at_ms: int,
         ttl_policy: TtlPolicy | None,
         atomic_max_keys: int,
@@ -661,19 +662,20 @@ class RedisRuntime:
         prefixes = self.layout.task_prefixes(task_id)
         clock = self.ttl_clock(task_id, captured_at_ms, ttl_policy)
         checked = False
-        if not self.cluster and self._transactions and len(entries) <= atomic_max_keys:
+        if not self.cluster and self._transactions and len(source) <= atomic_max_keys:
             # The fast way (see there): its commands made in one pass over the entries,
             # which checks their prefixes too. Counted before lapsed keys are left out,
             # so that no commands are made for a task far too large to write at once.
-            restoring = restore_commands(task_id, prefixes, entries, clock)
+            restoring = restore_commands(task_id, prefixes, source, clock)
             self.check_dumps(task_id, restoring.dumps)
             checked = True
             size = self.dbsize()
             fits = size <= min(self.exact_scan_max_keys, atomic_max_keys - restoring.written)
             if fits and restoring.commands is not None:
-                done = self._write_transaction(task_id, entries, restoring)
+                done = self._write_transaction(task_id, source, restoring)
                 if done is not None:
                     return RestoreStats(*done, len(restoring.lapsed), True)
+        entries = source.entries() if isinstance(source, DecodedRows) else source
         for entry in entries:
             if not entry.key.startswith(prefixes):
                 raise RestoreError(
@@ -822,7 +824,7 @@ class RedisRuntime:
         return sum(int(w) for w, _ in answers), sum(int(r) for _, r in answers), set()
 
     def _write_transaction(
-        self, task_id: str, entries: Sequence[RuntimeEntry], restoring: Restoring
+        self, task_id: str, entries: Sequence[RuntimeEntry] | DecodedRows, restoring: Restoring
     ) -> tuple[int, int] | None:
         """On one server, send ``restoring``'s commands (which write ``entries``, see
         :func:`~.commands.restore_commands`) in one MULTI/EXEC whose first command, the
@@ -857,8 +859,8 @@ class RedisRuntime:
         deleted = replies[0]
         if not deleted:  # after a crash: no key of the task was left
             return restoring.written, 0
-        lapsed = {entry.key for entry in restoring.lapsed}
-        written = {entry.key for entry in entries if entry.key not in lapsed}
+        keys = entries.keys if isinstance(entries, DecodedRows) else map(_key, entries)
+        written = set(keys) - {entry.key for entry in restoring.lapsed}
         return restoring.written, len(set(deleted) - written)  # SCAN may repeat a key
 
     def _transact(
@@ -941,6 +943,7 @@ def _ttl(entry: RuntimeEntry, ttl: int) -> RuntimeEntry:
 
 _TYPE_NAMES = {t: t.value for t in RedisType}
 _entry_type = attrgetter("type")
+_key = attrgetter("key")
 
 
 def _specs(writes: Sequence[tuple[RuntimeEntry, int]]) -> list[Any]:
