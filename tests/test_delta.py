@@ -200,6 +200,21 @@ def test_a_ttl_payload_is_read_as_written_or_refused() -> None:
             image.decode_image([_base(row), bad])
 
 
+_key_bytes = st.binary(max_size=4).map(lambda b: bytes(x % 4 * 85 for x in b))  # 00 55 aa ff
+
+
+@settings(max_examples=500, deadline=None)
+@given(keys=st.sets(_key_bytes, max_size=8), prefixes=st.lists(_key_bytes, min_size=1, max_size=4))
+def test_decoded_rows_tell_whether_every_key_is_under_the_prefixes(
+    keys: set[bytes], prefixes: list[bytes]
+) -> None:
+    """Found by bisection in the sorted keys: the same answer as key by key, for
+    prefixes that overlap, repeat, are empty or end in 0xff bytes."""
+    ordered = sorted(keys)
+    rows = image.DecodedRows(ordered, [None] * len(ordered), [None] * len(ordered), 0)
+    assert rows.all_under(prefixes) == all(k.startswith(tuple(prefixes)) for k in ordered)
+
+
 _expiry = st.one_of(st.none(), st.integers(min_value=0, max_value=200))
 
 

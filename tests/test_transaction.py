@@ -165,6 +165,16 @@ def test_rows_of_a_checkpoint_restore_as_their_entries_do(admin: redis.Redis) ->
     assert rows.entries() == sorted(entries) and len(rows) == len(entries)
 
 
+def test_rows_holding_another_tasks_key_write_nothing(admin: redis.Redis) -> None:
+    now = RedisRuntime(admin).server_time_ms()
+    foreign = KEY("agent", "other", "x")
+    entries = [RuntimeEntry(KEY("agent", "t", "a"), RedisType.STRING, b"v")]
+    rows = _as_rows([*entries, RuntimeEntry(foreign, RedisType.STRING, b"v")], now)
+    with pytest.raises(RestoreError, match="agent:other:x' does not belong to task t"):
+        RedisRuntime(admin).restore("t", rows, now)
+    assert admin.dbsize() == 0
+
+
 def test_a_user_denied_multi_gets_the_script(admin: redis.Redis, server: EmbeddedRedis) -> None:
     admin.execute_command("ACL", "SETUSER", "nomulti", "on", ">pw", "~*", "+@all", "-multi")
     limited = redis.Redis.from_url(server.url, username="nomulti", password="pw")

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import re
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -604,6 +605,18 @@ class DecodedRows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def all_under(self, prefixes: Iterable[bytes]) -> bool:
+        """Whether every key starts with one of ``prefixes``: found by bisection in the
+        sorted keys, not key by key."""
+        wanted = set(prefixes)
+        outer = [p for p in wanted if not any(p != q and p.startswith(q) for q in wanted)]
+        keys, covered = self.keys, 0
+        for prefix in outer:  # their ranges of keys do not overlap
+            first = bisect_left(keys, prefix)
+            end = _after(prefix)
+            covered += (len(keys) if end is None else bisect_left(keys, end, first)) - first
+        return covered == len(keys)
+
     def entries(self) -> list[RuntimeEntry]:
         """The keys as entries (made once)."""
         if self._entries is None:
@@ -621,6 +634,13 @@ class DecodedRows:
             else:
                 append(row)
         return entries
+
+
+def _after(prefix: bytes) -> bytes | None:
+    """The least bytes greater than every bytes starting with ``prefix`` (None: no
+    such bytes, for a prefix of 0xff bytes alone)."""
+    kept = prefix.rstrip(b"\xff")
+    return kept[:-1] + bytes((kept[-1] + 1,)) if kept else None
 
 
 @dataclass(slots=True)

@@ -110,8 +110,9 @@ def restore_commands(
     if isinstance(entries, DecodedRows):
         items: Iterable[tuple[Any, int | None]] = zip(entries.rows, entries.expiries, strict=True)
         captured, unique = entries.captured_at_ms, True  # a checkpoint's keys, in order
+        checked = entries.all_under(prefixes)  # else the key not under them is named
     else:
-        items, captured = zip(entries, repeat(None)), 0
+        items, captured, checked = zip(entries, repeat(None)), 0, False
         unique = len(set(map(_key, entries))) == len(entries)
     for item, expiry in items:
         if item.__class__ is list:  # a row as stored: a plain string or list
@@ -120,7 +121,7 @@ def restore_commands(
             pttl = None if expiry is None else expiry - captured
         else:
             key, kind, value, pttl, _ = item
-        if not key.startswith(prefixes):
+        if not checked and not key.startswith(prefixes):
             raise RestoreError(f"checkpoint key {key!r} does not belong to task {task_id}")
         if pttl is not None:
             if locks if key.startswith(lock_prefix) else others:
