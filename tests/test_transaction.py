@@ -135,13 +135,16 @@ def _as_rows(entries: list[RuntimeEntry], captured_at_ms: int) -> DecodedRows:
     return DecodedRows([e.key for e in ordered], rows, expiries, captured_at_ms)
 
 
-def test_rows_of_a_checkpoint_restore_as_their_entries_do(admin: redis.Redis) -> None:
+@pytest.mark.parametrize("atomic", [True, False], ids=["one step", "in batches"])
+def test_rows_of_a_checkpoint_restore_as_their_entries_do(admin: redis.Redis, atomic: bool) -> None:
     """A recovery writes the decoded rows without making entries of them: the same
     keys, values, TTLs and counts as the entries (transaction) and the script, with a
-    lock whose TTL ran out still in Redis (deleted, counted as removed)."""
+    lock whose TTL ran out still in Redis (deleted, counted as removed), in one step
+    or, for a task above ``atomic_max_keys``, in batches."""
     captured = RedisRuntime(admin).server_time_ms() - 2_000
     lapsed = KEY("lock", "t", "gone")
     entries = [*_entries(admin), RuntimeEntry(lapsed, RedisType.STRING, b"x", 1_000)]
+    limits = {} if atomic else {"atomic_max_keys": 5, "batch_keys": 4}
     results = {}
     for way in ("rows", "entries", "script"):
         admin.flushall()
@@ -151,12 +154,14 @@ def test_rows_of_a_checkpoint_restore_as_their_entries_do(admin: redis.Redis) ->
         runtime._transactions = way != "script"
         source = _as_rows(entries, captured) if way == "rows" else entries
         execs = _execs(admin)
-        stats = runtime.restore("t", source, captured)
-        assert _execs(admin) == execs + (way != "script")
-        assert (stats.keys_written, stats.keys_removed, stats.keys_expired) == (
+        stats = runtime.restore("t", source, captured, **limits)
+        steps = 1 if atomic else 3  # 12 keys, 4 a batch
+        assert _execs(admin) == execs + (0 if way == "script" else steps)
+        assert (stats.keys_written, stats.keys_removed, stats.keys_expired, stats.atomic) == (
             len(entries) - 1,
             2,
             1,
+            atomic,
         )
         results[way] = _state(admin)
     assert results["rows"] == results["entries"] == results["script"]
@@ -190,6 +195,34 @@ def test_a_user_denied_multi_gets_the_script(admin: redis.Redis, server: Embedde
     finally:
         limited.close()
         admin.execute_command("ACL", "DELUSER", "nomulti")
+
+
+def test_rows_in_batches_for_a_user_denied_multi_get_the_script(
+    admin: redis.Redis, server: EmbeddedRedis
+) -> None:
+    """Each batch falls back to the RESTORE script, which also deletes the batch's keys
+    whose TTL has run out: the same state and counts as the transactions give."""
+    admin.execute_command("ACL", "SETUSER", "nomulti2", "on", ">pw", "~*", "+@all", "-multi")
+    limited = redis.Redis.from_url(server.url, username="nomulti2", password="pw")
+    try:
+        captured = RedisRuntime(admin).server_time_ms() - 2_000
+        lapsed = KEY("lock", "t", "gone")
+        entries = [*_entries(admin), RuntimeEntry(lapsed, RedisType.STRING, b"x", 1_000)]
+        states = []
+        for client in (admin, limited):
+            admin.flushall()
+            _seed(admin)
+            admin.set(lapsed, b"still here")
+            runtime = RedisRuntime(client)
+            rows = _as_rows(entries, captured)
+            stats = runtime.restore("t", rows, captured, atomic_max_keys=5, batch_keys=4)
+            assert (stats.keys_written, stats.keys_removed, stats.keys_expired) == (11, 2, 1)
+            assert runtime._transactions is (client is admin)
+            states.append(_state(admin))
+        assert states[0] == states[1] and lapsed not in states[1]
+    finally:
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "nomulti2")
 
 
 def _user(admin: redis.Redis, server: EmbeddedRedis, name: str, *rules: str) -> redis.Redis:

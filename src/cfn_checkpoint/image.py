@@ -605,6 +605,19 @@ class DecodedRows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def slice(self, start: int, stop: int) -> DecodedRows:
+        """The rows from ``start`` up to ``stop``, as rows of their own."""
+        return DecodedRows(
+            self.keys[start:stop],
+            self.rows[start:stop],
+            self.expiries[start:stop],
+            self.captured_at_ms,
+        )
+
+    def dumps(self) -> list[RuntimeEntry]:
+        """The entries held as DUMP payloads (never a plain row)."""
+        return [row for row in self.rows if row.__class__ is not list and row.type is _DUMP]
+
     def all_under(self, prefixes: Iterable[bytes]) -> bool:
         """Whether every key starts with one of ``prefixes``: found by bisection in the
         sorted keys, not key by key."""
@@ -751,6 +764,7 @@ def _sorted_rows(
 _TYPES_RAW = {t.value.encode(): t for t in RedisType}
 #: Types whose row value is the entry's value as it is (no pairs to build or sort).
 _SIMPLE = {b"string": RedisType.STRING, b"list": RedisType.LIST}
+_DUMP = RedisType.DUMP
 
 
 def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:
