@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from cfn_checkpoint import EmbeddedRedis, KeyLayout
+from cfn_checkpoint import EmbeddedRedis, KeyLayout, TtlPolicy
 from cfn_checkpoint.errors import RestoreError
 from cfn_checkpoint.image import DecodedRows
 from cfn_checkpoint.model import RedisType, RuntimeEntry
@@ -178,6 +178,51 @@ def test_rows_holding_another_tasks_key_write_nothing(admin: redis.Redis) -> Non
     with pytest.raises(RestoreError, match="agent:other:x' does not belong to task t"):
         RedisRuntime(admin).restore("t", rows, now)
     assert admin.dbsize() == 0
+
+
+def test_rows_in_batches_do_not_check_a_dump_whose_ttl_ran_out(admin: redis.Redis) -> None:
+    """A payload this server cannot read refuses a restore only if it would be written:
+    one whose TTL ran out is left out, in batches as in one step."""
+    captured = RedisRuntime(admin).server_time_ms() - 10_000
+    plain = [RuntimeEntry(KEY("agent", "t", f"k{i}"), RedisType.STRING, b"v") for i in range(6)]
+    unreadable = RuntimeEntry(
+        KEY("signal", "t", "old"), RedisType.DUMP, b"\x15not a dump", 1_000, "stream"
+    )
+    policy = TtlPolicy("absolute", "absolute")
+    for limits in ({}, {"atomic_max_keys": 4, "batch_keys": 3}):
+        admin.flushall()
+        rows = _as_rows([*plain, unreadable], captured)
+        stats = RedisRuntime(admin).restore("t", rows, captured, ttl_policy=policy, **limits)
+        assert (stats.keys_written, stats.keys_expired, stats.atomic) == (6, 1, not limits)
+    admin.flushall()
+    with pytest.raises(RestoreError, match="cannot be restored"):
+        fresh = _as_rows([*plain, unreadable._replace(pttl_ms=60_000)], captured)
+        RedisRuntime(admin).restore("t", fresh, captured, atomic_max_keys=4, batch_keys=3)
+    assert admin.dbsize() == 0
+
+
+@pytest.mark.parametrize("limits", [{}, {"atomic_max_keys": 1, "batch_keys": 1}])
+def test_rows_out_of_order_are_checked_key_by_key(
+    admin: redis.Redis, limits: dict[str, int]
+) -> None:
+    """Rows not made by decoding a checkpoint may be in any order: the bisection
+    cannot vouch for their prefixes, so each key is checked."""
+    now = RedisRuntime(admin).server_time_ms()
+    foreign, a, b = b"zz:other:x", KEY("agent", "t", "a"), KEY("agent", "t", "b")
+    rows = DecodedRows(
+        [foreign, a, b],
+        [[key, b"string", b"v", False, False] for key in (foreign, a, b)],
+        [None, None, None],
+        now,
+    )
+    with pytest.raises(RestoreError, match="zz:other:x' does not belong to task t"):
+        RedisRuntime(admin).restore("t", rows, now, **limits)
+    assert admin.dbsize() == 0
+    unordered = DecodedRows(
+        [b, a], [[k, b"string", b"v", False, False] for k in (b, a)], [None, None], now
+    )
+    assert RedisRuntime(admin).restore("t", unordered, now, **limits).keys_written == 2
+    assert admin.mget(a, b) == [b"v", b"v"]
 
 
 def test_a_user_denied_multi_gets_the_script(admin: redis.Redis, server: EmbeddedRedis) -> None:

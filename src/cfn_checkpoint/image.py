@@ -583,11 +583,12 @@ class DecodedRows:
     """A task's runtime keys decoded from a checkpoint, in key order: each a row as
     stored (``[key, type, value, has TTL, False]``) if it is a plain string or list,
     else its entry (made, and so checked, as it was decoded), with each key's expiry
-    instant. Entries are made of them when first asked for: a recovery writes the rows
-    as they are (:func:`~cfn_checkpoint.runtime.commands.restore_commands`), which at
-    10,000 keys saves making an entry a key (4-7 ms)."""
+    instant. Entries are made of them when first asked for, and then replace the
+    rows: a recovery writes the rows as they are
+    (:func:`~cfn_checkpoint.runtime.commands.restore_commands`), which at 10,000 keys
+    saves making an entry a key (4-7 ms)."""
 
-    __slots__ = ("keys", "rows", "expiries", "captured_at_ms", "_entries")
+    __slots__ = ("keys", "rows", "expiries", "captured_at_ms", "_entries", "_ordered")
 
     def __init__(
         self,
@@ -601,9 +602,21 @@ class DecodedRows:
         self.expiries = expiries
         self.captured_at_ms = captured_at_ms
         self._entries: list[RuntimeEntry] | None = None
+        self._ordered: bool | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DecodedRows):
+            return NotImplemented
+        same_clock = self.captured_at_ms == other.captured_at_ms
+        return same_clock and self.entries() == other.entries()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DecodedRows({len(self)} keys, captured_at_ms={self.captured_at_ms})"
 
     def slice(self, start: int, stop: int) -> DecodedRows:
         """The rows from ``start`` up to ``stop``, as rows of their own."""
@@ -618,9 +631,19 @@ class DecodedRows:
         """The entries held as DUMP payloads (never a plain row)."""
         return [row for row in self.rows if row.__class__ is not list and row.type is _DUMP]
 
+    def in_order(self) -> bool:
+        """Whether the keys are in strictly ascending order, so unique (always, as
+        decoded; rows made otherwise are checked key by key)."""
+        if self._ordered is None:
+            keys = self.keys
+            self._ordered = all(map(lt, keys, keys[1:]))
+        return self._ordered
+
     def all_under(self, prefixes: Iterable[bytes]) -> bool:
         """Whether every key starts with one of ``prefixes``: found by bisection in the
-        sorted keys, not key by key."""
+        sorted keys, not key by key (False when the keys are not in order)."""
+        if not self.in_order():
+            return False
         wanted = set(prefixes)
         outer = [p for p in wanted if not any(p != q and p.startswith(q) for q in wanted)]
         keys, covered = self.keys, 0
@@ -631,10 +654,12 @@ class DecodedRows:
         return covered == len(keys)
 
     def entries(self) -> list[RuntimeEntry]:
-        """The keys as entries (made once)."""
+        """The keys as entries (made once; they then stand for the rows too, so the
+        plain rows are not kept beside them)."""
         if self._entries is None:
             with gc_paused():
                 self._entries = self._make_entries()
+            self.rows = self._entries
         return self._entries
 
     def _make_entries(self) -> list[RuntimeEntry]:
@@ -673,8 +698,8 @@ class DecodedImage:
 
 
 def decode_image(payloads: Sequence[Payload], format_version: int = FORMAT_VERSION) -> DecodedImage:
-    """Rebuild a task's runtime entries from a checkpoint's runtime payloads (verified),
-    stored in ``format_version``."""
+    """Rebuild a task's runtime keys (as :class:`DecodedRows`) from a checkpoint's
+    runtime payloads (verified), stored in ``format_version``."""
     with gc_paused():
         return _decode_image(payloads, row_digester(format_version))
 
@@ -775,7 +800,7 @@ def entry_of(obj: list[Any], pttl: int | None) -> RuntimeEntry:
     """A row (decoded, strings as bytes) as an entry with the given TTL left."""
     try:
         return _entry_of(obj, pttl)
-    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
         raise CorruptCheckpointError(f"a row is malformed: {exc}") from exc
 
 

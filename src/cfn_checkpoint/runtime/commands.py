@@ -109,7 +109,8 @@ def restore_commands(
     locks, others = clock._absolute()
     if isinstance(entries, DecodedRows):
         items: Iterable[tuple[Any, int | None]] = zip(entries.rows, entries.expiries, strict=True)
-        captured, unique = entries.captured_at_ms, True  # a checkpoint's keys, in order
+        captured = entries.captured_at_ms
+        unique = entries.in_order() or len(set(entries.keys)) == len(entries.keys)
         checked = entries.all_under(prefixes)  # else the key not under them is named
     else:
         items, captured, checked = zip(entries, repeat(None)), 0, False
