@@ -663,15 +663,17 @@ class DecodedRows:
         return self._entries
 
     def _make_entries(self) -> list[RuntimeEntry]:
-        entries: list[RuntimeEntry] = []
-        append, simple, new, at = entries.append, _SIMPLE, tuple.__new__, self.captured_at_ms
-        for row, expiry in zip(self.rows, self.expiries, strict=True):
-            if row.__class__ is list:
-                pttl = None if expiry is None else expiry - at
-                append(new(RuntimeEntry, (row[0], simple[row[1]], row[2], pttl, None)))
-            else:
-                append(row)
-        return entries
+        at = self.captured_at_ms
+        return [
+            plain_entry(row, expiry, at) if row.__class__ is list else row
+            for row, expiry in zip(self.rows, self.expiries, strict=True)
+        ]
+
+
+def plain_entry(row: list[Any], expiry: int | None, captured_at_ms: int) -> RuntimeEntry:
+    """A plain string's or list's row, as :class:`DecodedRows` keeps it, as an entry."""
+    pttl = None if expiry is None else expiry - captured_at_ms
+    return tuple.__new__(RuntimeEntry, (row[0], PLAIN_TYPES[row[1]], row[2], pttl, None))
 
 
 def _after(prefix: bytes) -> bytes | None:
@@ -758,7 +760,7 @@ def _decode_image(payloads: Sequence[Payload], digester: RowDigest) -> DecodedIm
                 dict(zip(keys, zip(objs, digests, strict=True), strict=True))
             )
     instants = list(map(expiries.get, keys))
-    simple = _SIMPLE
+    simple = PLAIN_TYPES
     # Most rows are plain strings and lists, kept as they are; the others are made
     # entries now, which checks them.
     try:
@@ -788,7 +790,7 @@ def _sorted_rows(
 
 _TYPES_RAW = {t.value.encode(): t for t in RedisType}
 #: Types whose row value is the entry's value as it is (no pairs to build or sort).
-_SIMPLE = {b"string": RedisType.STRING, b"list": RedisType.LIST}
+PLAIN_TYPES = {b"string": RedisType.STRING, b"list": RedisType.LIST}
 _DUMP = RedisType.DUMP
 
 

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from ..errors import CheckpointError, RestoreError
-from ..image import DecodedRows
+from ..image import PLAIN_TYPES, DecodedRows, plain_entry
 from ..model import RedisType, RuntimeEntry, TtlPolicy
 
 __all__ = ["AS_GIVEN", "Restoring", "TtlClock", "items_of", "restore_commands"]
@@ -118,7 +118,7 @@ def restore_commands(
     for item, expiry in items:
         if item.__class__ is list:  # a row as stored: a plain string or list
             key, value = item[0], item[2]
-            kind = _STRING if item[1] == b"string" else _LIST
+            kind = PLAIN_TYPES[item[1]]
             pttl = None if expiry is None else expiry - captured
         else:
             key, kind, value, pttl, _ = item
@@ -158,10 +158,8 @@ def restore_commands(
 
 def _entry(item: Any, expiry: int | None, captured: int) -> RuntimeEntry:
     """An entry, or a row as stored (see :class:`DecodedRows`) made one."""
-    if item.__class__ is not list:
-        return cast(RuntimeEntry, item)
-    kind = _STRING if item[1] == b"string" else _LIST
-    return RuntimeEntry(item[0], kind, item[2], None if expiry is None else expiry - captured)
+    entry: RuntimeEntry = plain_entry(item, expiry, captured) if item.__class__ is list else item
+    return entry
 
 
 def items_of(entry: RuntimeEntry) -> list[bytes]:

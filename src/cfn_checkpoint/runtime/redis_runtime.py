@@ -665,7 +665,7 @@ class RedisRuntime:
             checked = True
             size = self.dbsize()
             fits = size <= min(self.exact_scan_max_keys, atomic_max_keys - restoring.written)
-            if fits and restoring.commands is not None:
+            if fits:
                 done = self._write_transaction(task_id, source, restoring)
                 if done is not None:
                     return RestoreStats(*done, len(restoring.lapsed), True)
