@@ -195,13 +195,21 @@ def test_decoding_checks_each_row_and_puts_keys_in_order() -> None:
 
 def test_a_ttl_payload_is_read_as_written_or_refused() -> None:
     """Expiries come back as written (ints, a key without a TTL as None); one that is
-    not a whole number, or a key that is not bytes, is refused as corrupt."""
+    not a whole number (a fraction, a boolean), or a key that is not bytes, is refused
+    as corrupt."""
     row = msgpack.packb([b"k", b"string", b"v", True, False], use_bin_type=False)
     ttl = codec.make_payload("ttl", [1_000, [[b"k", 61_000], [b"gone", None]]])
     decoded = image.decode_image([_base(row), ttl])
     assert decoded.entries[0].pttl_ms == 60_000
     assert decoded.current[b"k"] == (xxhash.xxh3_128_digest(row), 61_000)
-    for pairs in ([[b"k", "soon"]], [["k", 61_000]], [[b"k"]], [[b"k", 61_000, 1]]):
+    for pairs in (
+        [[b"k", "soon"]],
+        [[b"k", 61_000.5]],
+        [[b"k", True]],
+        [["k", 61_000]],
+        [[b"k"]],
+        [[b"k", 61_000, 1]],
+    ):
         bad = codec.make_payload("ttl", [1_000, pairs])
         with pytest.raises(CorruptCheckpointError, match="TTL payload"):
             image.decode_image([_base(row), bad])
