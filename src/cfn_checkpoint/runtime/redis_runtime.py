@@ -736,8 +736,9 @@ class RedisRuntime:
                     raise RestoreError(f"checkpoint key {key!r} does not belong to task {task_id}")
         written_dumps, _ = clock.split(rows.dumps())  # not those whose TTL ran out
         self.check_dumps(task_id, [entry for entry, _ in written_dumps])
-        keep = set(rows.keys)
-        stale = [key for key in self.task_keys(task_id) if key not in keep]
+        listed = self.task_keys(task_id)  # after a crash: none (then no set is made)
+        keep = set(rows.keys) if listed else set()
+        stale = [key for key in listed if key not in keep]
         removed = 0
         for start in range(0, len(stale), batch_keys):
             removed += self._delete_keys(stale[start : start + batch_keys], RestoreError)
