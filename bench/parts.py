@@ -3,10 +3,11 @@
     python bench/parts.py [-n 10000] [--repeats 7]
 
 Each part (the library's own functions: listing keys, the capture script, packing
-rows, keyframe chunks, compression, the SQLite commit; decoding, planning TTLs, the
-restore script) is wrapped with ``time.perf_counter()``; cProfile's cost per call would
-distort code that makes many small calls. Printed: the fastest repetition of each, with
-its parts. Pinned to one CPU with its own ``redis-server``, as ``run.py`` is.
+rows, keyframe chunks, compression, the SQLite commit; reading and decompressing the
+payloads, decoding rows, making the restore's commands, the MULTI/EXEC that sends them,
+the bookkeeping) is wrapped with ``time.perf_counter()``; cProfile's cost per call
+would distort code that makes many small calls. Printed: the fastest repetition of each,
+with its parts. Pinned to one CPU with its own ``redis-server``, as ``run.py`` is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import cfn_checkpoint.codec as codec_module
 import cfn_checkpoint.contents as contents_module
 import cfn_checkpoint.image as image_module
 import cfn_checkpoint.manager as manager_module
+import cfn_checkpoint.runtime.redis_runtime as redis_runtime_module
 from cfn_checkpoint import CheckpointManager
 from cfn_checkpoint.durable.sql import SqlStore
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
@@ -60,9 +62,15 @@ def instrument() -> None:
     # compressed bytes), every other payload at the commit: all through codec.compress.
     timed_part(codec_module, "compress", "compression (all payloads)")
     timed_part(SqlStore, "commit_checkpoint", "SQLite commit")
+    timed_part(SqlStore, "load_payloads", "read payloads (SQLite)")
     timed_part(contents_module, "decompress_verified", "decompress and check payloads")
     timed_part(contents_module, "decode_image", "decode rows")
-    timed_part(RedisRuntime, "plan_ttls", "plan TTLs")
+    timed_part(SqlStore, "start_recovery", "recovery bookkeeping (SQLite)")
+    timed_part(SqlStore, "finish_recovery", "recovery bookkeeping (SQLite)")
+    timed_part(RedisRuntime, "ttl_clock", "server clock")
+    timed_part(RedisRuntime, "dbsize", "database size")
+    timed_part(redis_runtime_module, "restore_commands", "make the commands")
+    timed_part(redis_runtime_module, "transaction", "pack, send, MULTI/EXEC")
     timed_part(RedisRuntime, "_write", "restore specs and script")
     timed_part(RedisRuntime, "_write_scanning", "restore specs and script")
 
