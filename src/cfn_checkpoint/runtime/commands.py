@@ -15,9 +15,11 @@ from itertools import repeat
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+from .. import image
 from ..errors import CheckpointError, RestoreError
 from ..image import PLAIN_TYPES, DecodedRows, plain_entry
 from ..model import RedisType, RuntimeEntry, TtlPolicy
+from .transaction import Prepacked
 
 __all__ = ["AS_GIVEN", "Restoring", "TtlClock", "items_of", "restore_commands"]
 
@@ -78,10 +80,12 @@ class Restoring(NamedTuple):
     #: The commands, in order: DEL of the keys rebuilt by one command (1,000 a
     #: command), one MSET of the strings without a TTL, then a command a key (SET PX,
     #: RESTORE REPLACE, RPUSH / SADD / HSET / ZADD, each followed by PEXPIRE for a
-    #: TTL). None when a key comes twice (never from a checkpoint): deleting first
-    #: would merge them, where the RESTORE script writes the entries in order and the
-    #: last one stays.
-    commands: list[tuple[Any, ...]] | None
+    #: TTL). Rows as stored that the C part of the codec wrote come first, already
+    #: packed, in that order; then the commands of the other keys, in that order.
+    #: None when a key comes twice (never from a checkpoint): deleting first would
+    #: merge them, where the RESTORE script writes the entries in order and the last
+    #: one stays.
+    commands: list[tuple[Any, ...] | Prepacked] | None
     #: How many keys the commands write.
     written: int
     #: The entries left out because their TTL has run out.
@@ -100,6 +104,23 @@ def restore_commands(
     without making an entry of each) with the TTLs of ``clock``, as the RESTORE
     script writes them. Raises :class:`RestoreError`, before anything is sent, for a
     key not under one of ``prefixes`` (the task's)."""
+    if (
+        isinstance(entries, DecodedRows)
+        and image.native is not None
+        and entries.in_order()
+        and entries.all_under(prefixes)
+    ):
+        return _packed_commands(task_id, prefixes, entries, clock)
+    return _commands(task_id, prefixes, entries, clock)
+
+
+def _commands(
+    task_id: str,
+    prefixes: tuple[bytes, ...],
+    entries: Sequence[RuntimeEntry] | DecodedRows,
+    clock: TtlClock,
+) -> Restoring:
+    """:func:`restore_commands`, each command made in Python."""
     plain: list[bytes] = []
     rebuilt: list[bytes] = []
     out: list[tuple[Any, ...]] = []
@@ -116,6 +137,8 @@ def restore_commands(
         items, captured, checked = zip(entries, repeat(None)), 0, False
         unique = len(set(map(_key, entries))) == len(entries)
     for item, expiry in items:
+        if item.__class__ is bytes:  # a row as stored, not decoded (see DecodedRows)
+            item = image._as_list(item)
         if item.__class__ is list:  # a row as stored: a plain string or list
             key, value = item[0], item[2]
             kind = PLAIN_TYPES[item[1]]
@@ -156,9 +179,39 @@ def restore_commands(
     return Restoring(head + out, written, lapsed, dumps)
 
 
+def _packed_commands(
+    task_id: str, prefixes: tuple[bytes, ...], rows: DecodedRows, clock: TtlClock
+) -> Restoring:
+    """:func:`restore_commands` for rows whose keys are in order and under
+    ``prefixes``: the rows as stored written by the C part of the codec, as RESP made
+    from their bytes, the others (entries) as they are written otherwise."""
+    assert image.native is not None
+    locks, others = clock._absolute()
+    data, count, lapsed_at, other_at = image.native.restore(
+        rows.rows,
+        rows.expiries,
+        rows.captured_at_ms,
+        clock.elapsed_ms if locks else 0,
+        clock.elapsed_ms if others else 0,
+        clock.lock_prefix,
+    )
+    captured = rows.captured_at_ms
+    lapsed = [_entry(rows.rows[i], rows.expiries[i], captured) for i in lapsed_at]
+    commands: list[tuple[Any, ...] | Prepacked] = [Prepacked(data, count)] if count else []
+    dumps: list[RuntimeEntry] = []
+    if other_at:
+        rest = _commands(task_id, prefixes, rows.pick(other_at), clock)
+        assert rest.commands is not None  # keys in order: each once
+        commands += rest.commands
+        lapsed += rest.lapsed
+        dumps = rest.dumps
+    return Restoring(commands, len(rows) - len(lapsed), lapsed, dumps)
+
+
 def _entry(item: Any, expiry: int | None, captured: int) -> RuntimeEntry:
     """An entry, or a row as stored (see :class:`DecodedRows`) made one."""
-    entry: RuntimeEntry = plain_entry(item, expiry, captured) if item.__class__ is list else item
+    as_stored = item.__class__ is list or item.__class__ is bytes
+    entry: RuntimeEntry = plain_entry(item, expiry, captured) if as_stored else item
     return entry
 
 

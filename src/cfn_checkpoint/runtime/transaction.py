@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis
@@ -25,7 +25,15 @@ import redis
 from ..pieces import INCOMPLETE, resp_reader
 from .reply import next_reply, plain_connection, receive
 
-__all__ = ["Refused", "transaction"]
+__all__ = ["Prepacked", "Refused", "transaction"]
+
+
+class Prepacked(NamedTuple):
+    """Commands packed already (RESP), sent as they are inside the transaction."""
+
+    data: bytes
+    #: How many commands ``data`` holds.
+    commands: int
 
 
 class Refused(Exception):
@@ -36,11 +44,12 @@ class Refused(Exception):
 def transaction(
     client: redis.Redis | Any,
     probes: Sequence[tuple[Any, ...]],
-    commands: Sequence[tuple[Any, ...]],
+    commands: Sequence[tuple[Any, ...] | Prepacked],
 ) -> list[Any] | None:
-    """Run ``commands`` in one MULTI/EXEC on one connection of ``client``, after
-    ``probes``: EXEC's replies, an error reply in place as redis-py's exception (the
-    commands before and after it ran).
+    """Run ``commands`` (each a command, or several packed already) in one MULTI/EXEC
+    on one connection of ``client``, after ``probes``: EXEC's replies, one a command,
+    an error reply in place as redis-py's exception (the commands before and after it
+    ran).
 
     ``probes`` are commands that must each succeed before anything is queued: what a
     command of the transaction will do inside a script, which no queue-time check sees
@@ -65,7 +74,7 @@ def transaction(
 
 
 def _run(
-    conn: Any, probes: Sequence[tuple[Any, ...]], commands: Sequence[tuple[Any, ...]]
+    conn: Any, probes: Sequence[tuple[Any, ...]], commands: Sequence[tuple[Any, ...] | Prepacked]
 ) -> list[Any] | None:
     first = [*probes, ("MULTI",)]
     conn.send_packed_command([b"".join(map(hiredis.pack_command, first))])
@@ -78,10 +87,18 @@ def _run(
     refused = [r for r in _replies(sock, reader, parser, len(first)) if isinstance(r, Exception)]
     if refused:
         raise Refused(refused[0])  # the caller closes the connection: MULTI ends with it
-    packed = [hiredis.pack_command(command) for command in commands]
+    packed: list[bytes] = []
+    count = 0
+    for command in commands:
+        if isinstance(command, Prepacked):
+            packed.append(command.data)
+            count += command.commands
+        else:
+            packed.append(hiredis.pack_command(command))
+            count += 1
     packed.append(hiredis.pack_command(("EXEC",)))
     conn.send_packed_command([b"".join(packed)])
-    replies = _queued_then_exec(sock, reader, parser, len(commands))
+    replies = _queued_then_exec(sock, reader, parser, count)
     executed = replies[-1]
     if not isinstance(executed, list):  # EXECABORT: a command was refused when queued
         queued = [r for r in replies[:-1] if isinstance(r, Exception)]
