@@ -76,7 +76,7 @@ static int read_raw(Cursor *c, const unsigned char **s, Py_ssize_t *len) {
         if (read_be(c, width, &n) < 0)
             return -1;
     }
-    if (n > (uint64_t)PY_SSIZE_T_MAX)
+    if (n > (uint64_t)(c->end - c->p))
         return fail("truncated");
     *len = (Py_ssize_t)n;
     return take(c, *len, s) < 0 ? -1 : 1;
@@ -98,6 +98,8 @@ static int read_array(Cursor *c, Py_ssize_t *len) {
     c->p++;
     if (read_be(c, b == 0xdc ? 2 : 4, &n) < 0)
         return -1;
+    if (n > (uint64_t)(c->end - c->p)) /* each item takes a byte at least */
+        return fail("truncated");
     *len = (Py_ssize_t)n;
     return 1;
 }
@@ -143,6 +145,8 @@ static int skip(Cursor *c, int depth) {
     case 0xc7: case 0xc8: case 0xc9: /* ext 8, 16, 32 */
         if (read_be(c, b == 0xc7 ? 1 : b == 0xc8 ? 2 : 4, &n) < 0)
             return -1;
+        if (n >= (uint64_t)(c->end - c->p))
+            return fail("truncated");
         return take(c, (Py_ssize_t)n + 1, &s);
     case 0xde: case 0xdf: /* map 16, 32 */
         if (read_be(c, b == 0xde ? 2 : 4, &n) < 0)
@@ -421,11 +425,15 @@ static int emit(Restore *r, Out *del, Out *plain, Out *body, int first) {
                 PyErr_SetString(PyExc_TypeError, "an expiry is not an int");
                 return -1;
             }
-            pttl = PyLong_AsLongLong(expiry);
-            if (pttl == -1 && PyErr_Occurred())
-                return -1;
+            long long at = PyLong_AsLongLong(expiry), left;
+            if (at == -1 && PyErr_Occurred())
+                return -1; /* OverflowError: the caller writes such a row in Python */
             int lock = p.klen >= r->lock.len && memcmp(p.key, r->lock.buf, r->lock.len) == 0;
-            pttl -= r->captured + (lock ? r->elapsed_locks : r->elapsed_others);
+            if (__builtin_sub_overflow(at, r->captured, &left) ||
+                __builtin_sub_overflow(left, lock ? r->elapsed_locks : r->elapsed_others, &pttl)) {
+                PyErr_SetString(PyExc_OverflowError, "an expiry out of range");
+                return -1;
+            }
             if (pttl <= 0) {
                 if (first && append_index(r->lapsed, i) < 0)
                     return -1;

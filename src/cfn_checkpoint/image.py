@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import ge, is_, itemgetter, lt, methodcaller, ne
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgpack
 import xxhash
@@ -46,13 +46,35 @@ from .errors import CorruptCheckpointError, UnreadableFormatError
 from .model import FORMAT_VERSION, RedisType, RuntimeEntry
 from .pieces import Pieces
 
+
+class NativeRows(Protocol):
+    """The C part of the row codec (``_rows.c``; see ``_rows.pyi``)."""
+
+    def scan(self, raw: bytes, offset: int = 0, /) -> tuple[list[bytes], list[bytes]]: ...
+
+    def classify(self, rows: list[Any], expiries: list[int | None], /) -> list[int]: ...
+
+    def restore(
+        self,
+        rows: list[Any],
+        expiries: list[int | None],
+        captured_at_ms: int,
+        elapsed_locks: int,
+        elapsed_others: int,
+        lock_prefix: bytes,
+        /,
+    ) -> tuple[bytes, int, list[int], list[int]]: ...
+
+
+#: The C part of the codec, None where it was not built: rows are then decoded into
+#: their fields and their commands made and packed in Python.
+native: NativeRows | None
 try:
-    from . import _rows as _c
+    from . import _rows as _built
+
+    native = _built
 except ImportError:  # built without a C compiler: the same rows, decoded in Python
-    _c = None  # type: ignore[assignment]
-#: The C part of the codec (``_rows.c``), None where it was not built: rows are then
-#: decoded into their fields and their commands made and packed in Python.
-native = _c
+    native = None
 
 #: A base chunk ends after a row whose digest begins with ten zero bits (one row in
 #: 1,024): its first byte zero and its second below 64 (see :func:`ends_chunk`) ...
@@ -549,13 +571,13 @@ def _rows(
 ) -> tuple[object, list[Any], list[bytes], list[bytes]]:
     """The objects of a msgpack stream of rows: ``(header, rows, their keys, the digest of
     each row's bytes)``. Raises if a row is not ``[key (bytes), 4 more items]``."""
-    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, use_list=True)
-    unpacker.feed(raw)
+    unpacker = _unpacker(raw)
     header: object = None
     objs: list[Any] = []
     ends: list[int] = []
     append, end, tell, view = objs.append, ends.append, unpacker.tell, memoryview(raw)
     try:
+        unpacker.feed(raw)
         if first_is_header:
             header = unpacker.unpack()
         start = tell()
@@ -579,6 +601,14 @@ _first = itemgetter(0)
 _start = methodcaller("start")
 
 
+def _unpacker(raw: bytes) -> msgpack.Unpacker:
+    """An unpacker for a payload of rows: its buffer as large as the payload (by
+    default msgpack refuses more than 100 MiB, and a row may hold a larger value)."""
+    return msgpack.Unpacker(
+        raw=True, strict_map_key=False, use_list=True, max_buffer_size=max(len(raw), 1)
+    )
+
+
 def _row_bytes(
     digest: str,
     raw: bytes,
@@ -593,7 +623,7 @@ def _row_bytes(
     offset = 0
     try:
         if first_is_header:
-            unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, use_list=True)
+            unpacker = _unpacker(raw)
             unpacker.feed(raw)
             header = unpacker.unpack()
             offset = unpacker.tell()
