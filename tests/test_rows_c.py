@@ -389,3 +389,52 @@ def test_a_row_larger_than_msgpacks_default_buffer_decodes_either_way() -> None:
     small = _row(b"a", b"string", b"x", False)
     c, python = _both(lambda: image.decode_image([_base(small), delta, basettl, ttl]).entries)
     assert c == python and [e.key for e in c] == [b"a", b"k"]
+
+
+_sized = st.sampled_from([0, 1, 31, 32, 255, 256, 65_535, 65_536]).map(lambda n: b"x" * n)
+_capture_values = st.one_of(
+    st.binary(max_size=40),
+    _sized,
+    st.lists(st.binary(max_size=8), max_size=20),
+    st.integers(0, 3).map(lambda n: [b"i"] * (15 + n)),
+)
+_capture_items = st.tuples(
+    st.binary(max_size=5),
+    st.sampled_from([b"string", b"list", b"hash", b"set", b"zset", b"dump:stream", b"dump:"]),
+    st.one_of(st.sampled_from([-2, -1, 0, 999, 1_000, 1_001]), st.integers(-(2**64), 2**64)),
+    _capture_values,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(_capture_items, max_size=12))
+def test_a_capture_packs_to_the_same_rows_either_way(items: list[Any]) -> None:
+    """The rows a capture packs to (their bytes name and cut the payloads, so they must
+    not change): every str and array size class, DUMP payloads, expiries past, now,
+    to come and beyond 64 bits, keys read twice."""
+    require(image.native is not None, "cfn_checkpoint._rows was not built")
+    flat = [part for item in items for part in item]
+    keys = [item[0] for item in items]
+    if len(set(keys)) == len(keys) and all(-(2**63) <= item[2] < 2**63 for item in items):
+        image.native.pack(flat, 1_000)  # packed in C: it does not refuse
+    made = image.packed_rows(flat, 1_000)
+    with python_only():
+        python = image.packed_rows(flat, 1_000)
+    assert made == python
+
+
+def test_a_capture_of_other_items_is_packed_in_python() -> None:
+    require(image.native is not None, "cfn_checkpoint._rows was not built")
+    native = image.native
+    for flat in (
+        [b"k", b"string", 5, "text"],  # a value of another type
+        [b"k", b"list", 5, [b"a", 1]],
+        [b"k", "string", 5, b"v"],
+        [b"k", b"string", 5.0, b"v"],
+        [b"k", b"string", 1, b"v", b"k", b"string", 1, b"w"],  # a key twice
+        [b"k", b"string", 2**64, b"v"],
+        [b"k", b"string", 1],
+    ):
+        with pytest.raises(ValueError):
+            native.pack(flat, 0)
+    assert image.packed_rows([b"k", b"string", 1, b"v", b"k", b"string", 1, b"v"], 0).keys == [b"k"]

@@ -541,10 +541,186 @@ done:
     return out;
 }
 
+/* -- packing rows (a capture) ------------------------------------------------------------ */
+
+/* The msgpack header of a str of ``n`` bytes as msgpack-python packs bytes with
+ * use_bin_type=False (fixstr, then str16 and str32: no str8), or of an array. */
+static size_t raw_header(unsigned char *out, size_t n) {
+    if (n < 32) {
+        out[0] = (unsigned char)(0xa0 | n);
+        return 1;
+    }
+    if (n < 65536) {
+        out[0] = 0xda, out[1] = (unsigned char)(n >> 8), out[2] = (unsigned char)n;
+        return 3;
+    }
+    out[0] = 0xdb, out[1] = (unsigned char)(n >> 24), out[2] = (unsigned char)(n >> 16);
+    out[3] = (unsigned char)(n >> 8), out[4] = (unsigned char)n;
+    return 5;
+}
+
+static size_t array_header(unsigned char *out, size_t n) {
+    if (n < 16) {
+        out[0] = (unsigned char)(0x90 | n);
+        return 1;
+    }
+    if (n < 65536) {
+        out[0] = 0xdc, out[1] = (unsigned char)(n >> 8), out[2] = (unsigned char)n;
+        return 3;
+    }
+    out[0] = 0xdd, out[1] = (unsigned char)(n >> 24), out[2] = (unsigned char)(n >> 16);
+    out[3] = (unsigned char)(n >> 8), out[4] = (unsigned char)n;
+    return 5;
+}
+
+/* Bytes a str of ``n`` bytes takes, its header included. */
+static size_t raw_size(size_t n) { return (n < 32 ? 1 : n < 65536 ? 3 : 5) + n; }
+
+static unsigned char *put_raw(unsigned char *at, const char *s, size_t n) {
+    at += raw_header(at, n);
+    memcpy(at, s, n);
+    return at + n;
+}
+
+static PyObject *sort_keys; /* the flat list being sorted (qsort has no context) */
+
+static int by_key(const void *a, const void *b) {
+    PyObject *x = PyList_GET_ITEM(sort_keys, 4 * *(const Py_ssize_t *)a);
+    PyObject *y = PyList_GET_ITEM(sort_keys, 4 * *(const Py_ssize_t *)b);
+    Py_ssize_t nx = PyBytes_GET_SIZE(x), ny = PyBytes_GET_SIZE(y);
+    int c = memcmp(PyBytes_AS_STRING(x), PyBytes_AS_STRING(y), (size_t)(nx < ny ? nx : ny));
+    return c ? c : (nx > ny) - (nx < ny);
+}
+
+static int by_key_pair(PyObject *flat, Py_ssize_t a, Py_ssize_t b) {
+    PyObject *saved = sort_keys;
+    sort_keys = flat;
+    int c = by_key(&a, &b);
+    sort_keys = saved;
+    return c;
+}
+
+/* pack(flat, now_ms): a capture's rows in key order, as image.packed_rows packs them:
+ * (keys, expiries, rows). ValueError for anything it does not take (a key twice,
+ * a value of another type): the caller packs those in Python. */
+static PyObject *pack(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *flat;
+    long long now;
+    if (!PyArg_ParseTuple(args, "O!L", &PyList_Type, &flat, &now))
+        return NULL;
+    Py_ssize_t size = PyList_GET_SIZE(flat);
+    if (size % 4)
+        return value_error("a capture reply holds four items a key");
+    Py_ssize_t n = size / 4;
+    /* The lists first: making one may run the cyclic collector (and so any finalizer),
+     * which must not change ``flat`` once it has been checked. */
+    PyObject *keys = PyList_New(n), *expiries = PyList_New(n), *rows = PyList_New(n), *out = NULL;
+    Py_ssize_t *order = NULL;
+    if (keys == NULL || expiries == NULL || rows == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(flat, 4 * i), *type = PyList_GET_ITEM(flat, 4 * i + 1);
+        PyObject *expiry = PyList_GET_ITEM(flat, 4 * i + 2), *value = PyList_GET_ITEM(flat, 4 * i + 3);
+        int ok = PyBytes_CheckExact(key) && PyBytes_CheckExact(type) && PyLong_CheckExact(expiry);
+        if (ok && PyList_CheckExact(value)) {
+            for (Py_ssize_t j = 0; ok && j < PyList_GET_SIZE(value); j++)
+                ok = PyBytes_CheckExact(PyList_GET_ITEM(value, j));
+        } else if (ok) {
+            ok = PyBytes_CheckExact(value);
+        }
+        if (!ok) {
+            value_error("not a capture's item");
+            goto done;
+        }
+    }
+    order = PyMem_Malloc(sizeof(Py_ssize_t) * (n ? n : 1));
+    if (order == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        order[i] = i;
+    sort_keys = flat;
+    qsort(order, (size_t)n, sizeof *order, by_key);
+    sort_keys = NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t i = order[k];
+        PyObject *key = PyList_GET_ITEM(flat, 4 * i), *type = PyList_GET_ITEM(flat, 4 * i + 1);
+        PyObject *expiry = PyList_GET_ITEM(flat, 4 * i + 2), *value = PyList_GET_ITEM(flat, 4 * i + 3);
+        if (k && by_key_pair(flat, order[k - 1], i) == 0) {
+            value_error("a key twice");
+            goto done;
+        }
+        int overflow = 0;
+        long long at = PyLong_AsLongLongAndOverflow(expiry, &overflow);
+        if (overflow || (at == -1 && PyErr_Occurred())) {
+            if (!PyErr_Occurred())
+                value_error("an expiry beyond 64 bits");
+            goto done;
+        }
+        const char *t = PyBytes_AS_STRING(type);
+        Py_ssize_t tlen = PyBytes_GET_SIZE(type);
+        int dump = tlen >= 5 && memcmp(t, "dump:", 5) == 0;
+        size_t bytes = 1 + raw_size((size_t)PyBytes_GET_SIZE(key)) + (dump ? raw_size(4) : raw_size((size_t)tlen)) + 2;
+        bytes += dump ? raw_size((size_t)tlen - 5) - 1 : 0; /* the native type for false */
+        if (PyList_CheckExact(value)) {
+            Py_ssize_t m = PyList_GET_SIZE(value);
+            bytes += m < 16 ? 1 : m < 65536 ? 3 : 5;
+            for (Py_ssize_t j = 0; j < m; j++)
+                bytes += raw_size((size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(value, j)));
+        } else {
+            bytes += raw_size((size_t)PyBytes_GET_SIZE(value));
+        }
+        PyObject *row = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bytes);
+        if (row == NULL)
+            goto done;
+        unsigned char *w = (unsigned char *)PyBytes_AS_STRING(row);
+        *w++ = 0x95;
+        w = put_raw(w, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+        w = dump ? put_raw(w, "dump", 4) : put_raw(w, t, (size_t)tlen);
+        if (PyList_CheckExact(value)) {
+            Py_ssize_t m = PyList_GET_SIZE(value);
+            w += array_header(w, (size_t)m);
+            for (Py_ssize_t j = 0; j < m; j++) {
+                PyObject *item = PyList_GET_ITEM(value, j);
+                w = put_raw(w, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+            }
+        } else {
+            w = put_raw(w, PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+        }
+        *w++ = at >= 0 ? 0xc3 : 0xc2;
+        if (dump)
+            w = put_raw(w, t + 5, (size_t)tlen - 5);
+        else
+            *w++ = 0xc2;
+        if ((size_t)(w - (unsigned char *)PyBytes_AS_STRING(row)) != bytes) {
+            Py_DECREF(row);
+            PyErr_SetString(PyExc_RuntimeError, "a row was sized wrong");
+            goto done;
+        }
+        PyList_SET_ITEM(rows, k, row);
+        Py_INCREF(key);
+        PyList_SET_ITEM(keys, k, key);
+        PyObject *kept = at < 0 || at > now ? (Py_INCREF(expiry), expiry) : PyLong_FromLongLong(now);
+        if (kept == NULL)
+            goto done;
+        PyList_SET_ITEM(expiries, k, kept);
+    }
+    out = PyTuple_Pack(3, keys, expiries, rows);
+done:
+    PyMem_Free(order);
+    Py_XDECREF(keys);
+    Py_XDECREF(expiries);
+    Py_XDECREF(rows);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "The key and the bytes of each row of a msgpack stream of rows."},
     {"classify", classify, METH_VARARGS, "Where rows are not plain rows as stored, or disagree with their expiry."},
     {"restore", restore, METH_VARARGS, "The RESP of the commands that write the plain rows."},
+    {"pack", pack, METH_VARARGS, "A capture's rows in key order: keys, expiries, rows."},
     {NULL, NULL, 0, NULL},
 };
 

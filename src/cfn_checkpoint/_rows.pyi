@@ -10,6 +10,11 @@ def classify(rows: list[Any], expiries: list[int | None], /) -> list[int]:
     """The indexes of the items that are not plain rows as stored (a string's or a list's
     bytes, no native type) whose TTL flag agrees with their expiry."""
 
+def pack(flat: list[Any], now_ms: int, /) -> tuple[list[bytes], list[int], list[bytes]]:
+    """A capture's rows in key order, packed as :func:`cfn_checkpoint.image.packed_rows`
+    packs them: the keys, their expiry instants, the rows. ValueError for a key read
+    twice or an item of another type than a capture gives."""
+
 def restore(
     rows: list[Any],
     expiries: list[int | None],

