@@ -7,6 +7,8 @@ the same bytes sent to Redis, the same task after a recovery, the same refusals.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -438,3 +440,70 @@ def test_a_capture_of_other_items_is_packed_in_python() -> None:
         with pytest.raises(ValueError):
             native.pack(flat, 0)
     assert image.packed_rows([b"k", b"string", 1, b"v", b"k", b"string", 1, b"v"], 0).keys == [b"k"]
+
+
+def test_a_capture_of_the_largest_size_classes_packs_the_same_either_way() -> None:
+    """Strings and arrays of 65,536 (str32, array32), with neighbours."""
+    require(image.native is not None, "cfn_checkpoint._rows was not built")
+    flat = [
+        b"a", b"string", 5, b"x" * 65_536,
+        b"b", b"list", -1, [b""] * 65_536,
+        b"c", b"dump:" + b"n" * 65_536, 5, b"d" * 65_535,
+        b"d" * 65_536, b"set", 0, [b"m"] * 65_535,
+    ]  # fmt: skip
+    made = image.packed_rows(flat, 1)
+    with python_only():
+        assert made == image.packed_rows(flat, 1)
+
+
+def test_a_capture_the_c_part_refuses_is_never_seen_half_packed() -> None:
+    """The result lists never hold an empty slot (they grow by appending), and a
+    duplicate key or an expiry beyond 64 bits is found before they are filled: a
+    collection run while the refusal is made (here, inside an ``except`` block, with
+    a callback indexing every list) never meets a half-made list."""
+    require(image.native is not None, "cfn_checkpoint._rows was not built")
+    script = """
+import gc
+from cfn_checkpoint import image
+flat = [part for i in range(7) for part in (b"k%d" % i, b"string", 5, b"v")]
+flat[-2] = 2**70 if WHAT == "overflow" else 5
+flat[-4] = b"k0" if WHAT == "twice" else flat[-4]
+seen = []
+def look(phase, info):  # an empty slot, indexed, would crash the interpreter
+    if phase == "start":
+        seen.extend(o[-1] for o in gc.get_objects() if type(o) is list and len(o) == 7)
+gc.callbacks.append(look)
+try:
+    raise KeyError
+except KeyError:
+    gc.set_threshold(1)
+    try:
+        image.native.pack(flat, 0)
+    except ValueError:
+        pass
+    gc.set_threshold(700)
+print("ok")
+"""
+    for what in ("overflow", "twice"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"WHAT = {what!r}" + script], capture_output=True, text=True
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_a_capture_not_made_of_plain_types_is_packed_in_python() -> None:
+    """A list subclass of items, or a clock that is not an int, goes the Python way."""
+    require(image.native is not None, "cfn_checkpoint._rows was not built")
+
+    class Shouting(list):  # type: ignore[type-arg]
+        def __getitem__(self, at: Any) -> Any:
+            got = super().__getitem__(at)
+            return (
+                [x.upper() if isinstance(x, bytes) else x for x in got]
+                if isinstance(at, slice)
+                else got
+            )
+
+    flat = Shouting([b"k", b"string", 5, b"v"])
+    assert image.packed_rows(flat, 1).keys == [b"K"]
+    assert image.packed_rows([b"k", b"string", 5, b"v"], 3.0).expiries == [5]  # type: ignore[arg-type]

@@ -573,6 +573,9 @@ static size_t array_header(unsigned char *out, size_t n) {
     return 5;
 }
 
+/* The longest str or array msgpack packs (its lengths are 32 bits). */
+#define MAX_RAW 0xffffffffLL
+
 /* Bytes a str of ``n`` bytes takes, its header included. */
 static size_t raw_size(size_t n) { return (n < 32 ? 1 : n < 65536 ? 3 : 5) + n; }
 
@@ -607,58 +610,70 @@ static PyObject *pack(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *flat;
     long long now;
-    if (!PyArg_ParseTuple(args, "O!L", &PyList_Type, &flat, &now))
+    if (!PyArg_ParseTuple(args, "OL", &flat, &now))
         return NULL;
+    if (!PyList_CheckExact(flat))
+        return value_error("a capture reply is a list");
     Py_ssize_t size = PyList_GET_SIZE(flat);
     if (size % 4)
         return value_error("a capture reply holds four items a key");
     Py_ssize_t n = size / 4;
     /* The lists first: making one may run the cyclic collector (and so any finalizer),
-     * which must not change ``flat`` once it has been checked. */
-    PyObject *keys = PyList_New(n), *expiries = PyList_New(n), *rows = PyList_New(n), *out = NULL;
+     * which must not change ``flat`` once it has been checked. They grow by appending,
+     * never holding an empty slot that a collection could show to Python code. */
+    PyObject *keys = PyList_New(0), *expiries = PyList_New(0), *rows = PyList_New(0), *out = NULL;
     Py_ssize_t *order = NULL;
+    long long *instants = NULL;
     if (keys == NULL || expiries == NULL || rows == NULL)
         goto done;
+    order = PyMem_Malloc(sizeof(Py_ssize_t) * (n ? n : 1));
+    instants = PyMem_Malloc(sizeof(long long) * (n ? n : 1));
+    if (order == NULL || instants == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Everything that can refuse the input is checked before the lists are filled:
+     * an exception made while they hold empty slots could run the collector. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PyList_GET_ITEM(flat, 4 * i), *type = PyList_GET_ITEM(flat, 4 * i + 1);
         PyObject *expiry = PyList_GET_ITEM(flat, 4 * i + 2), *value = PyList_GET_ITEM(flat, 4 * i + 3);
         int ok = PyBytes_CheckExact(key) && PyBytes_CheckExact(type) && PyLong_CheckExact(expiry);
+        ok = ok && PyBytes_GET_SIZE(key) <= MAX_RAW && PyBytes_GET_SIZE(type) <= MAX_RAW;
         if (ok && PyList_CheckExact(value)) {
-            for (Py_ssize_t j = 0; ok && j < PyList_GET_SIZE(value); j++)
-                ok = PyBytes_CheckExact(PyList_GET_ITEM(value, j));
+            ok = PyList_GET_SIZE(value) <= MAX_RAW;
+            for (Py_ssize_t j = 0; ok && j < PyList_GET_SIZE(value); j++) {
+                PyObject *item = PyList_GET_ITEM(value, j);
+                ok = PyBytes_CheckExact(item) && PyBytes_GET_SIZE(item) <= MAX_RAW;
+            }
         } else if (ok) {
-            ok = PyBytes_CheckExact(value);
+            ok = PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) <= MAX_RAW;
         }
         if (!ok) {
             value_error("not a capture's item");
             goto done;
         }
-    }
-    order = PyMem_Malloc(sizeof(Py_ssize_t) * (n ? n : 1));
-    if (order == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++)
+        int overflow = 0;
+        instants[i] = PyLong_AsLongLongAndOverflow(expiry, &overflow);
+        if (overflow) {
+            value_error("an expiry beyond 64 bits");
+            goto done;
+        }
         order[i] = i;
+    }
     sort_keys = flat;
     qsort(order, (size_t)n, sizeof *order, by_key);
     sort_keys = NULL;
+    for (Py_ssize_t k = 1; k < n; k++) {
+        if (by_key_pair(flat, order[k - 1], order[k]) == 0) {
+            value_error("a key twice");
+            goto done;
+        }
+    }
     for (Py_ssize_t k = 0; k < n; k++) {
         Py_ssize_t i = order[k];
         PyObject *key = PyList_GET_ITEM(flat, 4 * i), *type = PyList_GET_ITEM(flat, 4 * i + 1);
         PyObject *expiry = PyList_GET_ITEM(flat, 4 * i + 2), *value = PyList_GET_ITEM(flat, 4 * i + 3);
-        if (k && by_key_pair(flat, order[k - 1], i) == 0) {
-            value_error("a key twice");
-            goto done;
-        }
-        int overflow = 0;
-        long long at = PyLong_AsLongLongAndOverflow(expiry, &overflow);
-        if (overflow || (at == -1 && PyErr_Occurred())) {
-            if (!PyErr_Occurred())
-                value_error("an expiry beyond 64 bits");
-            goto done;
-        }
+        long long at = instants[i];
         const char *t = PyBytes_AS_STRING(type);
         Py_ssize_t tlen = PyBytes_GET_SIZE(type);
         int dump = tlen >= 5 && memcmp(t, "dump:", 5) == 0;
@@ -699,17 +714,20 @@ static PyObject *pack(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_RuntimeError, "a row was sized wrong");
             goto done;
         }
-        PyList_SET_ITEM(rows, k, row);
-        Py_INCREF(key);
-        PyList_SET_ITEM(keys, k, key);
-        PyObject *kept = at < 0 || at > now ? (Py_INCREF(expiry), expiry) : PyLong_FromLongLong(now);
-        if (kept == NULL)
+        int failed = PyList_Append(rows, row) < 0;
+        Py_DECREF(row);
+        if (failed || PyList_Append(keys, key) < 0)
             goto done;
-        PyList_SET_ITEM(expiries, k, kept);
+        PyObject *kept = at < 0 || at > now ? (Py_INCREF(expiry), expiry) : PyLong_FromLongLong(now);
+        failed = kept == NULL || PyList_Append(expiries, kept) < 0;
+        Py_XDECREF(kept);
+        if (failed)
+            goto done;
     }
     out = PyTuple_Pack(3, keys, expiries, rows);
 done:
     PyMem_Free(order);
+    PyMem_Free(instants);
     Py_XDECREF(keys);
     Py_XDECREF(expiries);
     Py_XDECREF(rows);
