@@ -702,3 +702,34 @@ def test_a_key_scan_names_twice_is_listed_once() -> None:
             assert RedisRuntime(client).task_keys("t") == sorted(keys)
         finally:
             client.close()
+
+
+def test_a_listing_equal_to_the_last_reuses_its_sorted_keys() -> None:
+    """``task_keys`` sorts a listing only when SCAN gave another than last time: a key
+    added, removed or renamed is seen at once, a caller changing the list it got
+    changes nothing kept, and only a few tasks' listings are kept."""
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            layout = KeyLayout()
+            runtime = RedisRuntime(client, layout=layout)
+            names = [layout.key("agent", "t", f"k{i:03d}") for i in range(50)]
+            client.mset({name: b"v" for name in names})
+            first = runtime.task_keys("t")
+            assert first == sorted(names)
+            first.clear()  # the caller's own list
+            assert runtime.task_keys("t") == sorted(names)
+            client.set(layout.key("lock", "t", "new"), b"x")
+            assert layout.key("lock", "t", "new") in runtime.task_keys("t")
+            client.delete(names[7])
+            client.rename(names[8], layout.key("queue", "t", "renamed"))
+            again = runtime.task_keys("t")
+            assert names[7] not in again and names[8] not in again
+            assert again == sorted(again) and layout.key("queue", "t", "renamed") in again
+            for i in range(20):  # other tasks: the oldest listings are dropped
+                client.set(layout.key("agent", f"o{i}", "k"), b"v")
+                assert runtime.task_keys(f"o{i}") == [layout.key("agent", f"o{i}", "k")]
+            assert len(runtime._listings) == 8
+            assert runtime.task_keys("t") == again
+        finally:
+            client.close()
