@@ -1,4 +1,4 @@
-/* Rows of a checkpoint read and written back in C (see _rows.pyi and image.py).
+/* Rows of a checkpoint read and written back in C (see image.NativeRows, which types it).
  *
  * A row is the msgpack encoding of [key, type, value, has_ttl, native or false]. A
  * recovery needs, of each row, its key, its bytes (for its digest) and the commands
@@ -543,35 +543,28 @@ done:
 
 /* -- packing rows (a capture) ------------------------------------------------------------ */
 
-/* The msgpack header of a str of ``n`` bytes as msgpack-python packs bytes with
- * use_bin_type=False (fixstr, then str16 and str32: no str8), or of an array. */
-static size_t raw_header(unsigned char *out, size_t n) {
-    if (n < 32) {
-        out[0] = (unsigned char)(0xa0 | n);
+/* A msgpack length header: ``fix | n`` below ``fixed``, else ``b16`` and 16 bits, else
+ * the next byte and 32 bits. */
+static size_t header(unsigned char *out, size_t n, size_t fixed, unsigned char fix,
+                     unsigned char b16) {
+    if (n < fixed) {
+        out[0] = (unsigned char)(fix | n);
         return 1;
     }
     if (n < 65536) {
-        out[0] = 0xda, out[1] = (unsigned char)(n >> 8), out[2] = (unsigned char)n;
+        out[0] = b16, out[1] = (unsigned char)(n >> 8), out[2] = (unsigned char)n;
         return 3;
     }
-    out[0] = 0xdb, out[1] = (unsigned char)(n >> 24), out[2] = (unsigned char)(n >> 16);
-    out[3] = (unsigned char)(n >> 8), out[4] = (unsigned char)n;
+    out[0] = (unsigned char)(b16 + 1), out[1] = (unsigned char)(n >> 24);
+    out[2] = (unsigned char)(n >> 16), out[3] = (unsigned char)(n >> 8), out[4] = (unsigned char)n;
     return 5;
 }
 
-static size_t array_header(unsigned char *out, size_t n) {
-    if (n < 16) {
-        out[0] = (unsigned char)(0x90 | n);
-        return 1;
-    }
-    if (n < 65536) {
-        out[0] = 0xdc, out[1] = (unsigned char)(n >> 8), out[2] = (unsigned char)n;
-        return 3;
-    }
-    out[0] = 0xdd, out[1] = (unsigned char)(n >> 24), out[2] = (unsigned char)(n >> 16);
-    out[3] = (unsigned char)(n >> 8), out[4] = (unsigned char)n;
-    return 5;
-}
+/* The header of a str of ``n`` bytes as msgpack-python packs bytes with
+ * use_bin_type=False (fixstr, then str16 and str32: no str8), and of an array. */
+static size_t raw_header(unsigned char *out, size_t n) { return header(out, n, 32, 0xa0, 0xda); }
+
+static size_t array_header(unsigned char *out, size_t n) { return header(out, n, 16, 0x90, 0xdc); }
 
 /* The longest str or array msgpack packs (its lengths are 32 bits). */
 #define MAX_RAW 0xffffffffLL

@@ -28,6 +28,7 @@ from __future__ import annotations
 import binascii
 import gc
 import hashlib
+import importlib
 import re
 import threading
 from bisect import bisect_left
@@ -36,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import ge, is_, itemgetter, lt, methodcaller, ne
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import msgpack
 import xxhash
@@ -48,15 +49,25 @@ from .pieces import Pieces
 
 
 class NativeRows(Protocol):
-    """The C part of the row codec (``_rows.c``; see ``_rows.pyi``)."""
+    """The C part of the row codec, ``cfn_checkpoint._rows`` (``_rows.c``), where
+    ``pip install`` could compile it. Every function raises ValueError for input it
+    does not take, and never reads past the bytes it is given."""
 
-    def scan(self, raw: bytes, offset: int = 0, /) -> tuple[list[bytes], list[bytes]]: ...
+    def scan(self, raw: bytes, offset: int = 0, /) -> tuple[list[bytes], list[bytes]]:
+        """The key and the bytes of each row of a msgpack stream of rows, from
+        ``offset`` on ("malformed row" for one that is not ``[key (bytes), 4 more]``)."""
+        ...
 
-    def classify(self, rows: list[Any], expiries: list[int | None], /) -> list[int]: ...
+    def classify(self, rows: list[Any], expiries: list[int | None], /) -> list[int]:
+        """The indexes of the items that are not plain rows as stored (a string's or
+        a list's bytes, no native type) whose TTL flag agrees with their expiry."""
+        ...
 
-    def pack(
-        self, flat: list[Any], now_ms: int, /
-    ) -> tuple[list[bytes], list[int], list[bytes]]: ...
+    def pack(self, flat: list[Any], now_ms: int, /) -> tuple[list[bytes], list[int], list[bytes]]:
+        """A capture's rows in key order, packed as :func:`packed_rows` packs them: the
+        keys, their expiry instants, the rows (ValueError for a key read twice, an item
+        of another type than a capture gives, an expiry beyond 64 bits)."""
+        ...
 
     def restore(
         self,
@@ -67,18 +78,25 @@ class NativeRows(Protocol):
         elapsed_others: int,
         lock_prefix: bytes,
         /,
-    ) -> tuple[bytes, int, list[int], list[int]]: ...
+    ) -> tuple[bytes, int, list[int], list[int]]:
+        """The RESP of the commands that write the plain rows (as
+        :func:`~cfn_checkpoint.runtime.commands.restore_commands` makes them), how
+        many commands, the indexes of rows whose TTL ran out, and those of the other
+        items."""
+        ...
+
+
+def _native() -> NativeRows | None:
+    try:
+        module = importlib.import_module(f"{__package__}._rows")
+    except ImportError:  # built without a C compiler: the same rows, decoded in Python
+        return None
+    return cast(NativeRows, module)
 
 
 #: The C part of the codec, None where it was not built: rows are then decoded into
 #: their fields and their commands made and packed in Python.
-native: NativeRows | None
-try:
-    from . import _rows as _built
-
-    native = _built
-except ImportError:  # built without a C compiler: the same rows, decoded in Python
-    native = None
+native: NativeRows | None = _native()
 
 #: A base chunk ends after a row whose digest begins with ten zero bits (one row in
 #: 1,024): its first byte zero and its second below 64 (see :func:`ends_chunk`) ...
