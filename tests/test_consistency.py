@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import redis
@@ -13,6 +14,7 @@ import redis
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.errors import CheckpointError, StoreUnavailableError
 from cfn_checkpoint.model import RedisType, RuntimeEntry
+from cfn_checkpoint.runtime import redis_runtime
 from cfn_checkpoint.runtime.commands import Restoring
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
@@ -707,7 +709,8 @@ def test_a_key_scan_names_twice_is_listed_once() -> None:
 def test_a_listing_equal_to_the_last_reuses_its_sorted_keys() -> None:
     """``task_keys`` sorts a listing only when SCAN gave another than last time: a key
     added, removed or renamed is seen at once, a caller changing the list it got
-    changes nothing kept, and only a few tasks' listings are kept."""
+    changes nothing kept, another layout's namespaces are not mixed up, and beyond a
+    number of keys in all the least recently used listings are dropped."""
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
         try:
@@ -726,10 +729,25 @@ def test_a_listing_equal_to_the_last_reuses_its_sorted_keys() -> None:
             again = runtime.task_keys("t")
             assert names[7] not in again and names[8] not in again
             assert again == sorted(again) and layout.key("queue", "t", "renamed") in again
-            for i in range(20):  # other tasks: the oldest listings are dropped
+            for i in range(20):  # other tasks: kept too, within the limit of keys
                 client.set(layout.key("agent", f"o{i}", "k"), b"v")
                 assert runtime.task_keys(f"o{i}") == [layout.key("agent", f"o{i}", "k")]
-            assert len(runtime._listings) == 8
+            listed = sum(len(scanned) for scanned, _ in runtime._listings.values())
+            assert len(runtime._listings) == 21 and runtime._listed_keys == listed
             assert runtime.task_keys("t") == again
+            # Another layout on the same runtime (same scan pattern, other namespaces).
+            runtime.layout = KeyLayout(agent="worker")
+            client.set(runtime.layout.key("agent", "t", "w"), b"v")
+            got = runtime.task_keys("t")
+            assert runtime.layout.key("agent", "t", "w") in got
+            assert not [k for k in got if k.startswith(layout.task_prefixes("t")[0])]
+            # Beyond the limit the least recently used listings go, not the one in use.
+            with patch.object(redis_runtime, "_LISTINGS_MAX_KEYS", 60):
+                runtime.layout = layout
+                assert runtime.task_keys("t") == again
+                client.set(layout.key("agent", "o99", "k"), b"v")
+                runtime.task_keys("o99")
+                kept = [prefixes[0] for _, prefixes in runtime._listings]
+                assert layout.task_prefixes("t")[0] in kept and runtime._listed_keys <= 60
         finally:
             client.close()

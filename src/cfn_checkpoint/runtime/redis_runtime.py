@@ -12,6 +12,7 @@ point in time (the checkpoint says so) and such a restore is not atomic.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
@@ -59,9 +60,9 @@ _CAPTURE_ATTEMPTS = 3
 #: that appeared between listing and running. Each try is one script call, and it fails
 #: only for keys created in that window (one round trip), so busy tasks get a few more.
 _SLOT_ATTEMPTS = 10
-#: Listings kept (:meth:`RedisRuntime.task_keys`): of this many tasks, each of up to this
-#: many keys (a task streamed in batches, at 200,000 and more, is not kept).
-_LISTINGS_KEPT = 8
+#: Keys of the listings kept, in all (:meth:`RedisRuntime.task_keys`): a task streamed in
+#: batches (200,000 keys and more) is not kept; its listing and sorted keys take about 2
+#: pointers a key, and the keys themselves.
 _LISTINGS_MAX_KEYS = 200_000
 #: SCAN's COUNT inside a script: it blocks Redis for the whole walk anyway, so fewer,
 #: larger pages only save calls (a client SCAN pages by ``scan_count``, not to hold
@@ -145,11 +146,13 @@ class RedisRuntime:
         self._delete = Script(client, scripts.DELETE)
         self._slot_keys = Script(client, scripts.SLOT_KEYS)
         self._clock = Script(client, scripts.CLOCK)
-        #: The last listing of each of a few tasks: the keys as SCAN gave them, and
-        #: sorted (see :meth:`task_keys`).
-        self._listings: OrderedDict[tuple[str, bytes], tuple[list[bytes], list[bytes]]] = (
-            OrderedDict()
-        )
+        #: The last listing of the tasks listed most recently: the keys as SCAN gave
+        #: them, and sorted (see :meth:`task_keys`), by scan pattern and prefixes.
+        self._listings: OrderedDict[
+            tuple[bytes, tuple[bytes, ...]], tuple[list[bytes], list[bytes]]
+        ] = OrderedDict()
+        self._listed_keys = 0  # in the listings kept
+        self._listings_lock = threading.Lock()
 
     @property
     def point_in_time(self) -> bool:
@@ -190,20 +193,37 @@ class RedisRuntime:
         # A task's keys seldom change, and SCAN gives them in the same order until they
         # do (or Redis rehashes): the sorted list made of an equal listing is taken
         # again, a comparison (3 ms at 100,000 keys) in place of a sort (32 ms).
-        last = self._listings.get((task_id, pattern))
+        memo = (pattern, prefixes)
+        with self._listings_lock:
+            last = self._listings.get(memo)
         if last is not None and last[0] == scanned:
+            with self._listings_lock, suppress(KeyError):
+                self._listings.move_to_end(memo)
             return list(last[1])
         keys = sorted(filter(methodcaller("startswith", prefixes), scanned))
         # Sorted as SCAN gave them, then checked: a third faster at 100,000 keys than
         # sorting a set of them (34 against 52 ms). A key named twice sits next to itself.
         if not all(map(lt, keys, keys[1:])):
             keys = list(dict.fromkeys(keys))
-        if len(scanned) <= _LISTINGS_MAX_KEYS:
-            self._listings[(task_id, pattern)] = (scanned, keys)  # one step each: threads
-            while len(self._listings) > _LISTINGS_KEPT:
-                with suppress(KeyError):  # another thread took the oldest first
-                    self._listings.popitem(last=False)
+        self._keep_listing(memo, scanned, keys)
         return list(keys)
+
+    def _keep_listing(
+        self, memo: tuple[bytes, tuple[bytes, ...]], scanned: list[bytes], keys: list[bytes]
+    ) -> None:
+        """Keep a listing for :meth:`task_keys` in place of the task's last one, dropping
+        the least recently used beyond :data:`_LISTINGS_MAX_KEYS` keys in all."""
+        with self._listings_lock:
+            old = self._listings.pop(memo, None)
+            if old is not None:
+                self._listed_keys -= len(old[0])
+            if len(scanned) > _LISTINGS_MAX_KEYS:
+                return
+            self._listings[memo] = (scanned, keys)
+            self._listed_keys += len(scanned)
+            while self._listed_keys > _LISTINGS_MAX_KEYS:
+                _, (dropped, _) = self._listings.popitem(last=False)
+                self._listed_keys -= len(dropped)
 
     def _scan(self, pattern: bytes) -> list[bytes]:
         """Every key matching ``pattern`` (a key may come twice), on every primary of a
