@@ -6,7 +6,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from unittest.mock import patch
 
 import pytest
 import redis
@@ -14,7 +13,6 @@ import redis
 from cfn_checkpoint import CheckpointManager, EmbeddedRedis, KeyLayout
 from cfn_checkpoint.errors import CheckpointError, StoreUnavailableError
 from cfn_checkpoint.model import RedisType, RuntimeEntry
-from cfn_checkpoint.runtime import redis_runtime
 from cfn_checkpoint.runtime.commands import Restoring
 from cfn_checkpoint.runtime.redis_runtime import RedisRuntime
 
@@ -742,12 +740,12 @@ def test_a_listing_equal_to_the_last_reuses_its_sorted_keys() -> None:
             assert runtime.layout.key("agent", "t", "w") in got
             assert not [k for k in got if k.startswith(layout.task_prefixes("t")[0])]
             # Beyond the limit the least recently used listings go, not the one in use.
-            with patch.object(redis_runtime, "_LISTINGS_MAX_KEYS", 60):
-                runtime.layout = layout
-                assert runtime.task_keys("t") == again
-                client.set(layout.key("agent", "o99", "k"), b"v")
-                runtime.task_keys("o99")
-                kept = [prefixes[0] for _, prefixes in runtime._listings]
-                assert layout.task_prefixes("t")[0] in kept and runtime._listed_keys <= 60
+            runtime.listings_max_keys = 60
+            runtime.layout = layout
+            assert runtime.task_keys("t") == again
+            client.set(layout.key("agent", "o99", "k"), b"v")
+            runtime.task_keys("o99")
+            kept = [prefixes[0] for _, prefixes in runtime._listings]
+            assert layout.task_prefixes("t")[0] in kept and runtime._listed_keys <= 60
         finally:
             client.close()

@@ -152,6 +152,8 @@ class RedisRuntime:
             tuple[bytes, tuple[bytes, ...]], tuple[list[bytes], list[bytes]]
         ] = OrderedDict()
         self._listed_keys = 0  # in the listings kept
+        #: Keys of the listings kept, in all (see :data:`_LISTINGS_MAX_KEYS`).
+        self.listings_max_keys = _LISTINGS_MAX_KEYS
         self._listings_lock = threading.Lock()
 
     @property
@@ -212,16 +214,16 @@ class RedisRuntime:
         self, memo: tuple[bytes, tuple[bytes, ...]], scanned: list[bytes], keys: list[bytes]
     ) -> None:
         """Keep a listing for :meth:`task_keys` in place of the task's last one, dropping
-        the least recently used beyond :data:`_LISTINGS_MAX_KEYS` keys in all."""
+        the least recently used beyond ``listings_max_keys`` keys in all."""
         with self._listings_lock:
             old = self._listings.pop(memo, None)
             if old is not None:
                 self._listed_keys -= len(old[0])
-            if len(scanned) > _LISTINGS_MAX_KEYS:
+            if len(scanned) > self.listings_max_keys:
                 return
             self._listings[memo] = (scanned, keys)
             self._listed_keys += len(scanned)
-            while self._listed_keys > _LISTINGS_MAX_KEYS:
+            while self._listed_keys > self.listings_max_keys:
                 _, (dropped, _) = self._listings.popitem(last=False)
                 self._listed_keys -= len(dropped)
 
