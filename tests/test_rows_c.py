@@ -10,7 +10,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import hiredis
@@ -62,17 +62,12 @@ def _both(decode: Callable[[], Any]) -> tuple[Any, Any]:
     require(image.native is not None, "cfn_checkpoint._rows was not built")
     outcomes = []
     for mode in ("c", "python"):
-        with python_only() if mode == "python" else _nothing():
+        with python_only() if mode == "python" else nullcontext():
             try:
                 outcomes.append(decode())
             except CorruptCheckpointError as exc:
                 outcomes.append(exc)
     return outcomes[0], outcomes[1]
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 _values = st.binary(max_size=40)
@@ -284,7 +279,7 @@ def test_a_changing_task_recovers_the_same_either_way(
             taken.append((meta, task_state(client, prefix)))
         contents: dict[str, list[Any]] = {}
         for mode in ("c", "python"):
-            with python_only() if mode == "python" else _nothing():
+            with python_only() if mode == "python" else nullcontext():
                 for meta, expected in reversed(taken):
                     loaded = manager.load_checkpoint(meta.checkpoint_id)
                     contents.setdefault(mode, []).append((loaded.entries, loaded.current))
@@ -317,7 +312,7 @@ def test_a_large_task_is_written_in_batches_the_same_either_way(
     try:
         states = []
         for mode in ("c", "python"):
-            with python_only() if mode == "python" else _nothing():
+            with python_only() if mode == "python" else nullcontext():
                 wipe(client, prefix)
                 client.set(layout.key("agent", "t", "stale"), b"x")
                 runtime = RedisRuntime(client, layout=layout)
